@@ -1,0 +1,3 @@
+from mailbridge.cli import main
+
+raise SystemExit(main())

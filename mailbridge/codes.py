@@ -1,0 +1,113 @@
+"""THE code table: Ack codes, per-recipient (Not) codes and their texts.
+
+Every other module refers to codes by the names below; the texts live here only.
+Provider outcomes are mapped to these codes by the provider adapters through
+`provider_code()`, so a new provider adds rows here, not string matching elsewhere.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class Ack(IntEnum):
+    """Ack report codes (SPEC section 5)."""
+
+    PROCESSED = 0
+    DUPLICATE_EMAIL_ID = 1
+    MISSING_EMAIL_ID = 2
+    INVALID_FORMAT = 3
+
+
+ACK_MESSAGES: dict[int, str] = {
+    Ack.PROCESSED: "Votre email a bien ete traite",
+    Ack.DUPLICATE_EMAIL_ID: "emailId deja traite",
+    Ack.MISSING_EMAIL_ID: "emailId non renseigne",
+    Ack.INVALID_FORMAT: "Format d'email invalide",
+}
+
+
+class Code(IntEnum):
+    """Per-recipient codes of the iSendPro table (SPEC section 3)."""
+
+    SENT = 0
+    EMPTY_NUMBER = 6
+    MALFORMED_NUMBER = 7
+    BLACKLISTED = 11
+    NO_CREDIT = 12
+    EMPTY_SENDER = 16
+    UNASSIGNED_NUMBER = 21
+    TOO_MANY_NUMBERS = 23
+    QUIET_HOURS = 24
+    COUNTRY_NOT_ALLOWED = 27
+    OVERFLOW = 29
+    SENDER_NOT_ALLOWED = 33
+    SMSLONG_NOT_INTEGER = 34
+    ERROR = 999
+
+
+# Texts exactly as in the iSendPro annexe (seeds/001), rendered ISO-8859-1 in reports.
+NOT_MESSAGES: dict[int, str] = {
+    0: "Votre message a bien été envoyé",
+    1: "Le champ Login est vide",
+    2: "Le champ PWD est vide",
+    3: "Vos identifiants sont incorrects",
+    6: "Vous devez saisir un numéro de téléphone",
+    7: "Un numéro de téléphone est sur 10 chiffres",
+    11: "Le numéro de téléphone est dans la liste noire",
+    12: "Votre crédit de MT est épuisé",
+    14: "L'adresse IP n'est pas autorisée",
+    16: "L'émetteur ne peut pas être vide",
+    21: "Le numéro de téléphone n'est pas attribué",
+    22: "Le téléphone est attribué à un Full MVNO",
+    23: "Le nombre maximum de téléphones par requête est de 500",
+    24: "Pas d'envoi commercial entre 20h et 08h, ni les dimanches et jours fériés",
+    27: "L'indicatif pays du téléphone n'est pas autorisé !",
+    29: "Nous ne pouvons donner suite à votre demande (overflow)",
+    30: "Erreur sur le domaine de connexion",
+    33: "Cet émetteur n'est pas autorisé!",
+    34: "La valeur de smslong doit être un entier !",
+    999: "Une erreur est survenue. Merci de contacter le service technique",
+}
+
+
+def ack_message(code: int) -> str:
+    """Text of an Ack code."""
+    return ACK_MESSAGES[code]
+
+
+def not_message(code: int) -> str:
+    """Text of a per-recipient code; unknown codes read as 999's text."""
+    return NOT_MESSAGES.get(code, NOT_MESSAGES[Code.ERROR])
+
+
+class ProviderFailure(IntEnum):
+    """What a provider said about one recipient, before it becomes a Code.
+
+    Adapters classify their provider's answers into these kinds; `provider_code`
+    is the single mapping to the client-visible table.
+    """
+
+    ACCEPTED = 0
+    INVALID_NUMBER = 1
+    SENDER_REFUSED = 2
+    BLACKLISTED = 3
+    NO_BALANCE = 4
+    THROTTLED = 5
+    OTHER = 6
+
+
+_PROVIDER_CODES: dict[ProviderFailure, Code] = {
+    ProviderFailure.ACCEPTED: Code.SENT,
+    ProviderFailure.INVALID_NUMBER: Code.MALFORMED_NUMBER,
+    ProviderFailure.SENDER_REFUSED: Code.SENDER_NOT_ALLOWED,
+    ProviderFailure.BLACKLISTED: Code.BLACKLISTED,
+    ProviderFailure.NO_BALANCE: Code.NO_CREDIT,
+    ProviderFailure.THROTTLED: Code.OVERFLOW,
+    ProviderFailure.OTHER: Code.ERROR,
+}
+
+
+def provider_code(kind: ProviderFailure) -> Code:
+    """Map a classified provider outcome to the iSendPro code the client sees."""
+    return _PROVIDER_CODES[kind]

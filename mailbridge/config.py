@@ -1,0 +1,420 @@
+"""config.yaml -> frozen, validated objects, once, at start.
+
+Input: a YAML file (SPEC section 6) where `${VAR}` / `${VAR:-default}` read the
+environment. Output: a `Config`. Failure: `ConfigError` carrying every problem
+found, each naming its key (`accounts[0].keyid: field required`).
+Relative paths are read relative to the directory of the config file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+DEFAULT_MAX_MESSAGE_BYTES = 10 * 1024 * 1024
+SENDER_ID_RE = re.compile(r"^(?=.*[A-Za-z])[A-Za-z0-9]{4,11}$")
+NUMERIC_SENDER_RE = re.compile(r"^\+?[0-9]{3,15}$")
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class ConfigError(Exception):
+    """Invalid configuration: `problems` lists `key: message` lines."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        super().__init__(f"{source}: " + "; ".join(problems))
+        self.source = source
+        self.problems = problems
+
+
+def _relative_to_config(value: Path, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("base_dir")
+    if base is not None and not value.is_absolute():
+        return Path(base) / value
+    return value
+
+
+ConfigPath = Annotated[Path, AfterValidator(_relative_to_config)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class TlsConfig(_Model):
+    cert: ConfigPath
+    key: ConfigPath
+    required: bool = False
+
+
+class SmtpConfig(_Model):
+    listen: str = "127.0.0.1:2525"
+    recipients: list[str] = Field(default_factory=lambda: ["sendsms@localhost"], min_length=1)
+    max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, gt=0)
+    hostname: str | None = None  # the name in the greeting; default: the machine's FQDN
+    timeout_s: float = Field(300.0, gt=0)  # idle time before a client is dropped
+    max_connections: int = Field(200, gt=0)
+    tls: TlsConfig | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        parse_hostport(v)
+        return v
+
+    @field_validator("recipients")
+    @classmethod
+    def _recipients(cls, v: list[str]) -> list[str]:
+        for addr in v:
+            if "@" not in addr:
+                raise ValueError(f"{addr!r} is not an email address")
+        return [a.lower() for a in v]
+
+
+class StoreConfig(_Model):
+    sqlite: ConfigPath | None = None
+    postgresql: str | None = None
+    # "full": a 250 survives power loss (fsync per commit). "normal": survives a
+    # crash of the daemon, but the last commits may be lost on power loss.
+    synchronous: Literal["full", "normal"] = "full"
+
+    @model_validator(mode="after")
+    def _one_backend(self) -> StoreConfig:
+        if (self.sqlite is None) == (self.postgresql is None):
+            raise ValueError("set exactly one of store.sqlite or store.postgresql")
+        return self
+
+
+class RelayConfig(_Model):
+    host: str
+    port: int = 25
+    starttls: bool = False  # upgrade with STARTTLS after connecting
+    tls: bool = False  # implicit TLS (port 465)
+    username: str | None = None
+    password: str | None = None
+    timeout_s: float = Field(30.0, gt=0)
+
+
+class ReportsConfig(_Model):
+    from_address: str = Field("mailbridge@localhost", alias="from")
+    # RFC 3834: automatic replies go out with a null envelope sender so that no
+    # bounce can come back; set an address if your relay refuses `MAIL FROM:<>`.
+    envelope_from: str = ""
+    maildir: ConfigPath | None = None
+    smtp: RelayConfig | None = None
+    retry_backoff_s: float = Field(30.0, gt=0)  # first wait after a failed delivery, doubling
+    retry_max_backoff_s: float = Field(3600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _one_sink(self) -> ReportsConfig:
+        if (self.maildir is None) == (self.smtp is None):
+            raise ValueError("set exactly one of reports.maildir or reports.smtp")
+        return self
+
+
+class HttpConfig(_Model):
+    listen: str = "127.0.0.1:8025"
+    token: str = Field(min_length=8)
+
+
+class _ProviderBase(_Model):
+    timeout_s: float = Field(10.0, gt=0)
+    retry_attempts: int = Field(3, ge=1)  # all attempts, the first included
+    retry_backoff_s: float = Field(1.0, ge=0)  # doubling, with jitter
+
+
+class OutboxProviderConfig(_ProviderBase):
+    type: Literal["outbox"]
+    path: ConfigPath
+
+
+class CmProviderConfig(_ProviderBase):
+    type: Literal["cm"]
+    url: str = "https://gw.cmtelecom.com/v1.0/message"
+    product_token: str = Field(min_length=1)
+
+
+class SmsmodeProviderConfig(_ProviderBase):
+    type: Literal["smsmode"]
+    url: str = "https://api.smsmode.com/http/1.6/"
+    access_token: str = Field(min_length=1)
+
+
+class KcellProviderConfig(_ProviderBase):
+    type: Literal["kcell"]
+    url: str = "https://api.kcell.kz/app/smsgw/rest/v2"
+    username: str = Field(min_length=1)
+    password: str = Field(min_length=1)
+
+
+ProviderConfig = Annotated[
+    OutboxProviderConfig | CmProviderConfig | SmsmodeProviderConfig | KcellProviderConfig,
+    Field(discriminator="type"),
+]
+
+
+class RouteConfig(_Model):
+    prefix: str = ""  # matched against the E.164 number ("+7", "+336"); "" matches all
+    providers: list[str] = Field(min_length=1)
+
+
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class AccountConfig(_Model):
+    keyid: str = Field(min_length=1)
+    name: str | None = None  # for logs; default: the first characters of keyid
+    sender_domains: list[str] = Field(default_factory=list)
+    sender_addresses: list[str] = Field(default_factory=list)
+    allowed_ips: list[IpNetwork] | None = None
+    smtp_password: str | None = None
+    provider: str | None = None
+    routes: list[RouteConfig] | None = None
+    default_sender: str | None = None
+    senders: list[str] | None = None
+    commercial: bool = True  # iSendPro's default: lifting the restriction is explicit
+    quiet_hours: Literal["reject", "defer"] = "reject"
+    holiday_subdivision: str | None = None
+    transliterate: bool = False
+    stop_number: str | None = None
+    nostop_allowed: bool = False
+    default_region: str = "FR"
+    countries: list[str] | None = None
+    max_parts: int = Field(5, ge=1, le=255)
+    credit: int | None = Field(None, ge=0)
+    report_domains: list[str] | None = None
+    blacklist: list[str] = Field(default_factory=list)
+    delivery_reports: bool = False
+    reply_to: str | None = None
+
+    @field_validator("sender_domains", "report_domains")
+    @classmethod
+    def _lower_domains(cls, v: list[str] | None) -> list[str] | None:
+        return None if v is None else [d.lower().lstrip("@") for d in v]
+
+    @field_validator("sender_addresses")
+    @classmethod
+    def _lower_addresses(cls, v: list[str]) -> list[str]:
+        for a in v:
+            if "@" not in a:
+                raise ValueError(f"{a!r} is not an email address")
+        return [a.lower() for a in v]
+
+    @field_validator("allowed_ips", mode="before")
+    @classmethod
+    def _networks(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            return [ipaddress.ip_network(str(n), strict=False) for n in v]
+        return v
+
+    @field_validator("default_sender")
+    @classmethod
+    def _default_sender(cls, v: str | None) -> str | None:
+        if v is not None and not (SENDER_ID_RE.match(v) or NUMERIC_SENDER_RE.match(v)):
+            raise ValueError(
+                "must be 4-11 letters and digits (not only digits), or a phone number"
+            )
+        return v
+
+    @field_validator("senders")
+    @classmethod
+    def _senders(cls, v: list[str] | None) -> list[str] | None:
+        for s in v or []:
+            if not SENDER_ID_RE.match(s):
+                raise ValueError(f"{s!r}: a sender id is 4-11 letters and digits, not only digits")
+        return v
+
+    @field_validator("countries")
+    @classmethod
+    def _countries(cls, v: list[str] | None) -> list[str] | None:
+        return None if v is None else [c.upper() for c in v]
+
+    @field_validator("default_region")
+    @classmethod
+    def _region(cls, v: str) -> str:
+        import phonenumbers
+
+        v = v.upper()
+        if v not in phonenumbers.SUPPORTED_REGIONS:
+            raise ValueError(f"{v!r} is not a region phonenumbers knows (ISO 3166 code)")
+        return v
+
+    @field_validator("holiday_subdivision")
+    @classmethod
+    def _subdivision(cls, v: str | None) -> str | None:
+        if v is not None:
+            import holidays
+
+            if v not in holidays.France.subdivisions and v not in getattr(
+                holidays.France, "subdivisions_aliases", {}
+            ):
+                raise ValueError(
+                    f"{v!r} is not a French subdivision of the holidays package "
+                    f"(e.g. '57', '6AE')"
+                )
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AccountConfig:
+        if not self.sender_domains and not self.sender_addresses:
+            raise ValueError("set sender_domains and/or sender_addresses (who may send)")
+        if (self.provider is None) == (self.routes is None):
+            raise ValueError("set exactly one of provider or routes")
+        if self.commercial and not self.stop_number:
+            raise ValueError("a commercial account needs stop_number (the STOP SMS mention)")
+        return self
+
+    @property
+    def label(self) -> str:
+        """A name for logs that never reveals the whole key."""
+        return self.name or f"{self.keyid[:4]}…"
+
+
+class DispatchConfig(_Model):
+    workers: int = Field(4, ge=1, le=64)  # requests sent at once
+    lease_s: float = Field(300.0, gt=0)  # a claim older than this is taken back
+    max_attempts: int = Field(10, ge=1)  # request-level failures before quarantine
+    provider_wait_s: float = Field(60.0, gt=0)  # wait before retrying a request whose route is down
+
+
+class Config(_Model):
+    smtp: SmtpConfig = Field(default_factory=SmtpConfig)  # type: ignore[arg-type]
+    store: StoreConfig
+    reports: ReportsConfig
+    http: HttpConfig | None = None
+    providers: dict[str, ProviderConfig] = Field(min_length=1)
+    accounts: list[AccountConfig] = Field(min_length=1)
+    blacklist: list[str] = Field(default_factory=list)  # numbers no account may send to
+    dispatch: DispatchConfig = Field(default_factory=DispatchConfig)  # type: ignore[arg-type]
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @model_validator(mode="after")
+    def _references(self) -> Config:
+        problems: list[str] = []
+        seen: dict[str, int] = {}
+        for i, acc in enumerate(self.accounts):
+            if acc.keyid in seen:
+                problems.append(f"accounts[{i}].keyid: same keyid as accounts[{seen[acc.keyid]}]")
+            seen[acc.keyid] = i
+            names = [acc.provider] if acc.provider else []
+            for route in acc.routes or []:
+                names.extend(route.providers)
+            for name in names:
+                if name not in self.providers:
+                    problems.append(
+                        f"accounts[{i}]: provider {name!r} is not defined under providers"
+                    )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def parse_hostport(value: str) -> tuple[str, int]:
+    """'127.0.0.1:2525' or '[::1]:2525' -> (host, port)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not host:port")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _expand_env(node: Any, path: str, problems: list[str]) -> Any:
+    if isinstance(node, dict):
+        return {k: _expand_env(v, f"{path}.{k}" if path else str(k), problems) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand_env(v, f"{path}[{i}]", problems) for i, v in enumerate(node)]
+    if isinstance(node, str):
+
+        def sub(m: re.Match[str]) -> str:
+            value = os.environ.get(m.group(1))
+            if value is None:
+                if m.group(2) is not None:
+                    return m.group(2)
+                problems.append(f"{path}: environment variable {m.group(1)} is not set")
+                return ""
+            return value
+
+        return _ENV_RE.sub(sub, node)
+    return node
+
+
+def _format_loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("function-after", "function-before") or "[" in str(part):
+            continue  # pydantic's internal validator names, not keys
+        elif part in ("outbox", "cm", "smsmode", "kcell") and out.startswith("providers."):
+            continue  # the discriminator tag pydantic inserts, not a key
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def _hint(msg: str, value: Any) -> str:
+    if isinstance(value, int) and "valid string" in msg:
+        return msg + " (quote it in YAML: unquoted 0601020304 is read as a number)"
+    return msg
+
+
+def _pydantic_problems(err: ValidationError) -> Iterator[str]:
+    for e in err.errors():
+        msg = str(e["msg"]).removeprefix("Value error, ")
+        yield f"{_format_loc(tuple(e['loc']))}: {_hint(msg, e.get('input'))}"
+
+
+def parse_config(data: Any, *, base_dir: Path, source: str = "config") -> Config:
+    """Validate an already-loaded YAML tree; raise ConfigError with every problem."""
+    if not isinstance(data, dict):
+        raise ConfigError(source, ["(top level): expected a mapping of sections"])
+    problems: list[str] = []
+    data = _expand_env(data, "", problems)
+    try:
+        config = Config.model_validate(data, context={"base_dir": base_dir})
+    except ValidationError as err:
+        problems.extend(_pydantic_problems(err))
+        raise ConfigError(source, problems) from None
+    if problems:
+        raise ConfigError(source, problems)
+    return config
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate a config file; raise ConfigError naming every bad key."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(str(path), [f"(file): cannot read: {err.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(str(path), [f"(yaml): {err}"]) from None
+    return parse_config(data, base_dir=path.resolve().parent, source=str(path))
+
+
+def find_account(config: Config, keyid: str) -> AccountConfig | None:
+    """The account with this keyid, compared in constant time against every key."""
+    import hmac
+
+    found: AccountConfig | None = None
+    wanted = keyid.encode("utf-8", "surrogateescape")
+    for account in config.accounts:
+        # Compare against all keys so the time taken says nothing about which matched.
+        if hmac.compare_digest(account.keyid.encode("utf-8"), wanted):
+            found = account
+    return found

@@ -1,0 +1,89 @@
+"""The provider seam: one batch of SMS in, one outcome per message out.
+
+An adapter translates a batch into the fewest requests its API allows and
+classifies every answer:
+- per-message results become `Outcome`s (code 0 = accepted, else the SPEC code,
+  through `codes.provider_code`);
+- a failure of the whole call that may succeed later (connect error, timeout,
+  HTTP 5xx, 429) raises `TemporaryProviderError`; the dispatcher retries it
+  with backoff, then fails over;
+- credentials or configuration the provider rejects raise `ProviderAuthError`:
+  an operator problem, so the work stays pending instead of failing recipients.
+
+Adapters never retry by themselves and never touch the store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+Encoding = Literal["gsm7", "ucs2"]
+
+
+@dataclass(frozen=True, slots=True)
+class SmsMessage:
+    """One recipient's SMS, ready for a provider."""
+
+    key: str  # stable, unique per recipient, <= 64 chars: the idempotency key
+    to: str  # E.164 with a leading '+'
+    sender: str | None  # None: the provider's default sender
+    text: str  # the final text (STOP mention included, already cut to fit)
+    encoding: Encoding
+    parts: int
+    max_parts: int  # the part limit the text was cut for
+    reference: str | None  # the client's tracker
+    request_id: int
+    # True when an earlier submission of this very message may have reached the
+    # provider (crash or lost response): adapters that can, deduplicate on `key`.
+    in_doubt: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The provider's verdict on one message."""
+
+    key: str
+    code: int  # SPEC section 3 code: 0 accepted
+    provider_message_id: str | None = None
+    detail: str = ""  # the provider's own words, for logs and `status`
+    # True: this message failed in a way worth retrying (e.g. throttled inside a
+    # batch); `code` is what it gets if retries run out.
+    retry: bool = False
+
+
+class ProviderError(Exception):
+    """Base of the errors an adapter raises for a whole batch."""
+
+
+class TemporaryProviderError(ProviderError):
+    """The call failed but may succeed later (network, timeout, 5xx, 429)."""
+
+    def __init__(self, message: str, *, throttled: bool = False) -> None:
+        super().__init__(message)
+        self.throttled = throttled
+
+
+class ProviderAuthError(ProviderError):
+    """The provider refused our credentials or configuration: an operator error."""
+
+
+class Provider(Protocol):
+    """A configured SMS provider."""
+
+    name: str
+    # The most messages one `send` call may carry; the dispatcher splits batches.
+    max_batch: int
+
+    async def send(self, batch: Sequence[SmsMessage]) -> list[Outcome]:
+        """Submit the batch; return one Outcome per message, in any order."""
+        ...
+
+    async def check(self) -> str:
+        """A harmless authenticated call; returns a human-readable verdict or raises."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release files and connections."""
+        ...
