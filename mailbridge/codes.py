@@ -111,3 +111,16 @@ _PROVIDER_CODES: dict[ProviderFailure, Code] = {
 def provider_code(kind: ProviderFailure) -> Code:
     """Map a classified provider outcome to the iSendPro code the client sees."""
     return _PROVIDER_CODES[kind]
+
+
+# Each provider's answers, classified. Adapters look their provider's error
+# codes up here and never map to client codes themselves.
+
+# --- CM.com (providers/cm.py) ---
+# --- end CM.com ---
+
+# --- sMsmode (providers/smsmode.py) ---
+# --- end sMsmode ---
+
+# --- Kcell SMSGW2 (providers/kcell.py) ---
+# --- end Kcell SMSGW2 ---
