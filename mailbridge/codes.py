@@ -117,6 +117,40 @@ def provider_code(kind: ProviderFailure) -> Code:
 # codes up here and never map to client codes themselves.
 
 # --- CM.com (providers/cm.py) ---
+# CM JSON gateway `errorCode` (whole request) and `messageErrorCode` (per msg/recipient),
+# from seeds/000 "JSON POST Codes d'erreur". 101/103 (authentication / product token) are
+# not here: the adapter raises ProviderAuthError for them. A recipient whose `status` is
+# "Accepted" is accepted whatever its code; these rows classify the rejected ones.
+CM_AUTH_ERROR_CODES: frozenset[int] = frozenset({101, 103})
+CM_FAILURES: dict[int, ProviderFailure] = {
+    102: ProviderFailure.NO_BALANCE,  # account balance insufficient
+    201: ProviderFailure.OTHER,  # some/all msg in error (details are per msg)
+    202: ProviderFailure.OTHER,  # malformed request / wrong data types
+    203: ProviderFailure.OTHER,  # msg array incorrect
+    301: ProviderFailure.SENDER_REFUSED,  # invalid or missing `from`
+    302: ProviderFailure.INVALID_NUMBER,  # invalid `to` field
+    303: ProviderFailure.INVALID_NUMBER,  # invalid MSISDN in `to`
+    304: ProviderFailure.OTHER,  # invalid body
+    305: ProviderFailure.OTHER,  # some other invalid field
+    401: ProviderFailure.OTHER,  # filtered as spam
+    402: ProviderFailure.BLACKLISTED,  # message blacklisted
+    403: ProviderFailure.OTHER,  # message rejected
+    500: ProviderFailure.OTHER,  # internal error
+    999: ProviderFailure.OTHER,  # unknown error
+}
+
+
+def cm_failure(error_code: object) -> ProviderFailure:
+    """Classify a CM error code (int or numeric string); unknown or missing codes are OTHER."""
+    if isinstance(error_code, int):
+        code = error_code
+    elif isinstance(error_code, str) and error_code.strip().isdigit():
+        code = int(error_code)
+    else:
+        return ProviderFailure.OTHER
+    return CM_FAILURES.get(code, ProviderFailure.OTHER)
+
+
 # --- end CM.com ---
 
 # --- sMsmode (providers/smsmode.py) ---

@@ -1,0 +1,114 @@
+"""Plain data shared by the stages: what intake stores, what dispatch sends,
+what the mailer reports. No behaviour here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mailbridge.providers import Encoding
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientDraft:
+    """One recipient as checked at intake."""
+
+    tel: str  # the number exactly as the client wrote it (reported back in the Not)
+    number: str | None = None  # E.164 ('+33601020304') when the number is valid
+    text: str | None = None  # the final text to send (STOP mention included, cut to fit)
+    encoding: Encoding = "gsm7"
+    parts: int = 0
+    max_parts: int = 1
+    code: int | None = None  # a final code known at intake; None: to be sent
+
+
+@dataclass(frozen=True, slots=True)
+class NewRequest:
+    """An accepted email, ready to be stored (the unit of the 250)."""
+
+    account: str  # keyid
+    email_id: str | None
+    ack_code: int
+    ack_to: str | None  # where the Ack goes (already checked against report rules)
+    not_to: str | None
+    numbered: bool  # Not form: numbered (numX, CSV) or single <etat>
+    sender: str | None
+    reference: str | None
+    received_at: float
+    due_at: float  # not before (quiet_hours: defer)
+    mail_from: str
+    client_ip: str
+    message_id: str | None
+    recipients: list[RecipientDraft] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """What the store did with a NewRequest."""
+
+    request_id: int
+    ack_code: int  # may differ from the request's: 1 when its emailId was already seen
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedRequest:
+    """A request a dispatch worker holds a lease on."""
+
+    id: int
+    account: str
+    email_id: str | None
+    sender: str | None
+    reference: str | None
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class PendingRecipient:
+    """A recipient still waiting for its code."""
+
+    idx: int
+    number: str
+    text: str
+    encoding: Encoding
+    parts: int
+    max_parts: int
+    provider_index: int  # position in the account's route for this number
+    attempts: int  # attempts on the current provider
+    in_doubt: bool  # an earlier submission may have reached a provider
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientResult:
+    """The dispatcher's decision for one recipient after an attempt."""
+
+    idx: int
+    code: int | None  # final code, or None: try again at `due_at`
+    provider: str | None = None
+    provider_message_id: str | None = None
+    detail: str = ""
+    due_at: float = 0.0
+    provider_index: int = 0
+    attempts: int = 0
+    refund_parts: int = 0  # credit reserved for this attempt and not used
+
+
+@dataclass(frozen=True, slots=True)
+class ReportJob:
+    """A report mail waiting for delivery."""
+
+    id: int
+    request_id: int
+    kind: str  # "ack" | "not"
+    to_addr: str
+    created_at: float
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReportData:
+    """Everything a report mail is rendered from."""
+
+    email_id: str | None
+    ack_code: int
+    numbered: bool
+    rows: list[tuple[str, int]]  # (tel as written, code) in request order
+    in_reply_to: str | None

@@ -1,0 +1,127 @@
+"""Outcomes -> Ack and Not report mails, rendered from templates/*.j2.
+
+Input: the stored facts of a request (`ReportData`). Output: the report body,
+ISO-8859-1 bytes byte-exact to SPEC section 5, and the whole RFC 5322 mail
+around it. No I/O besides loading the templates once. The mail is identical
+at every retry (Date and Message-ID come from the stored report), so a
+receiver can recognise a report delivered twice.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from email.header import Header
+from email.utils import format_datetime
+from pathlib import Path
+
+import jinja2
+
+from mailbridge.codes import ack_message, not_message
+from mailbridge.model import ReportData, ReportJob
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+def find_templates() -> Path:
+    """The templates/ folder: beside the package (checkout, editable install),
+    else where a wheel install puts it (share/mailbridge/templates)."""
+    candidates = [
+        Path(__file__).resolve().parent.parent / "templates",
+        Path(sys.prefix) / "share" / "mailbridge" / "templates",
+    ]
+    for path in candidates:
+        if (path / "ack.xml.j2").is_file():
+            return path
+    raise FileNotFoundError("report templates not found in " + ", ".join(map(str, candidates)))
+
+
+def xml_text(value: object) -> str:
+    """SPEC section 8: values as-is, except & < > written as entities."""
+    return str(value).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+class ReportRenderer:
+    """The jinja2 environment, built once; renders report bodies."""
+
+    def __init__(self, templates: Path | None = None) -> None:
+        self._env = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(str(templates or find_templates())),
+            autoescape=False,  # XML escaping is exactly `x` (SPEC section 8), no more
+            trim_blocks=True,
+            lstrip_blocks=True,
+            keep_trailing_newline=True,
+            undefined=jinja2.StrictUndefined,
+        )
+        self._env.filters["x"] = xml_text
+        self._ack = self._env.get_template("ack.xml.j2")
+        self._not = self._env.get_template("not.xml.j2")
+
+    def ack_body(self, email_id: str | None, code: int) -> bytes:
+        """The etatAck document; `?` stands for a missing emailId."""
+        text = self._ack.render(email_id=email_id or "?", code=code, message=ack_message(code))
+        return _latin1(text)
+
+    def not_body(self, data: ReportData) -> bytes:
+        """The etatNot document, single or numbered form."""
+
+        def rows() -> Iterator[dict[str, object]]:
+            for n, (tel, code) in enumerate(data.rows, start=1):
+                yield {"n": n, "tel": tel, "code": code, "message": not_message(code)}
+
+        text = self._not.render(email_id=data.email_id or "?", numbered=data.numbered, rows=rows())
+        return _latin1(text)
+
+    def body(self, kind: str, data: ReportData) -> bytes:
+        if kind == "ack":
+            return self.ack_body(data.email_id, data.ack_code)
+        return self.not_body(data)
+
+
+def _latin1(text: str) -> bytes:
+    # Characters outside ISO-8859-1 (a client's emailId in Cyrillic…) become
+    # numeric references, which every XML reader understands.
+    return text.encode("iso-8859-1", errors="xmlcharrefreplace")
+
+
+def _header(value: str) -> str:
+    value = _CONTROL.sub(" ", value).strip()
+    if value.isascii():
+        return value
+    return Header(value, "utf-8").encode()
+
+
+def report_message_id(job: ReportJob, instance_id: str, from_address: str) -> str:
+    """A Message-ID stable across retries of the same report."""
+    domain = from_address.rpartition("@")[2] or "localhost"
+    return f"<{job.kind}.{job.request_id}.{job.id}.{instance_id}@{domain}>"
+
+
+def compose_mail(
+    job: ReportJob,
+    data: ReportData,
+    body: bytes,
+    *,
+    from_address: str,
+    instance_id: str,
+) -> bytes:
+    """The whole report mail (LF line ends; SMTP delivery turns them into CRLF)."""
+    label = "etatAck" if job.kind == "ack" else "etatNot"
+    headers = [
+        ("From", from_address),
+        ("To", job.to_addr),
+        ("Subject", f"{label} {data.email_id or '?'}"),
+        ("Date", format_datetime(datetime.fromtimestamp(job.created_at, UTC))),
+        ("Message-ID", report_message_id(job, instance_id, from_address)),
+        ("Auto-Submitted", "auto-replied"),
+        ("MIME-Version", "1.0"),
+        ("Content-Type", "text/plain; charset=ISO-8859-1"),
+        ("Content-Transfer-Encoding", "8bit"),
+        ("X-Mailbridge-Request", str(job.request_id)),
+    ]
+    if data.in_reply_to:
+        headers += [("In-Reply-To", data.in_reply_to), ("References", data.in_reply_to)]
+    head = "".join(f"{name}: {_header(value)}\n" for name, value in headers)
+    return head.encode("ascii") + b"\n" + body

@@ -1,0 +1,472 @@
+"""SQLite backend of the store: one file, WAL, one connection on one thread.
+
+Every call runs on a single dedicated thread, so writes are serialised without
+lock contention, and the event loop never blocks on disk. `synchronous=FULL`
+(the default) fsyncs the WAL at each commit: a 250 survives power loss.
+SQLite errors that mean "cannot write now" (disk full, I/O error, locked past
+the busy timeout) become `StoreUnavailable`, which intake answers with 451.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import sqlite3
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from mailbridge.model import (
+    Admission,
+    ClaimedRequest,
+    NewRequest,
+    PendingRecipient,
+    RecipientResult,
+    ReportData,
+    ReportJob,
+)
+from mailbridge.store import StoreUnavailable
+
+T = TypeVar("T")
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 5000
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS requests (
+    id INTEGER PRIMARY KEY,
+    account TEXT NOT NULL,
+    email_id TEXT,
+    ack_code INTEGER NOT NULL,
+    state TEXT NOT NULL,                 -- queued | done | quarantined
+    numbered INTEGER NOT NULL,
+    sender TEXT,
+    reference TEXT,
+    not_to TEXT,
+    mail_from TEXT NOT NULL,
+    client_ip TEXT NOT NULL,
+    message_id TEXT,
+    received_at REAL NOT NULL,
+    due_at REAL NOT NULL,
+    claimed_until REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    done_at REAL
+);
+CREATE INDEX IF NOT EXISTS requests_due ON requests (state, due_at);
+CREATE TABLE IF NOT EXISTS email_ids (
+    account TEXT NOT NULL,
+    email_id TEXT NOT NULL,
+    request_id INTEGER NOT NULL,
+    PRIMARY KEY (account, email_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS recipients (
+    request_id INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    tel TEXT NOT NULL,
+    number TEXT,
+    text TEXT,
+    encoding TEXT NOT NULL,
+    parts INTEGER NOT NULL,
+    max_parts INTEGER NOT NULL,
+    code INTEGER,                        -- NULL while pending
+    due_at REAL NOT NULL DEFAULT 0,
+    provider TEXT,
+    provider_index INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    submitting INTEGER NOT NULL DEFAULT 0,
+    in_doubt INTEGER NOT NULL DEFAULT 0,
+    provider_message_id TEXT,
+    detail TEXT,
+    done_at REAL,
+    PRIMARY KEY (request_id, idx)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS reports (
+    id INTEGER PRIMARY KEY,
+    request_id INTEGER NOT NULL,
+    kind TEXT NOT NULL,                  -- ack | not
+    to_addr TEXT NOT NULL,
+    state TEXT NOT NULL,                 -- pending | sent
+    created_at REAL NOT NULL,
+    due_at REAL NOT NULL,
+    claimed_until REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    sent_at REAL
+);
+CREATE INDEX IF NOT EXISTS reports_due ON reports (state, due_at);
+CREATE TABLE IF NOT EXISTS credits (account TEXT PRIMARY KEY, used INTEGER NOT NULL);
+"""
+
+
+class SqliteStore:
+    """The default store backend. Construct, then `await open()`."""
+
+    def __init__(self, path: Path, *, synchronous: str = "full") -> None:
+        self.path = path
+        self.synchronous = synchronous.upper()
+        self.instance_id = ""
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
+        self._db: sqlite3.Connection | None = None
+
+    # -- plumbing --------------------------------------------------------
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, fn, *args)
+        except sqlite3.OperationalError as err:
+            raise StoreUnavailable(f"sqlite: {err}") from err
+        except sqlite3.DatabaseError as err:  # corrupt file, disk I/O error
+            raise StoreUnavailable(f"sqlite: {err}") from err
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise StoreUnavailable("store is not open")
+        return self._db
+
+    def _tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run fn in one IMMEDIATE transaction (the write lock taken up front)."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(db)
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        return result
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000
+        )
+        db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute(f"PRAGMA synchronous = {self.synchronous}")
+        self._db = db
+        db.executescript(SCHEMA)
+
+        def init(db: sqlite3.Connection) -> str:
+            row = db.execute("SELECT value FROM meta WHERE key = 'instance_id'").fetchone()
+            if row:
+                return str(row[0])
+            instance = secrets.token_hex(4)
+            db.execute("INSERT INTO meta VALUES ('instance_id', ?)", (instance,))
+            db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            return instance
+
+        self.instance_id = self._tx(init)
+
+    async def open(self) -> None:
+        await self._run(self._open)
+
+    def _close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    async def close(self) -> None:
+        await self._run(self._close)
+        self._executor.shutdown(wait=True)
+
+    # -- intake ----------------------------------------------------------
+
+    def _add_request(self, db: sqlite3.Connection, req: NewRequest) -> Admission:
+        ack = req.ack_code
+        state = "queued" if ack == 0 else "done"
+        cur = db.execute(
+            "INSERT INTO requests (account, email_id, ack_code, state, numbered, sender, reference,"
+            " not_to, mail_from, client_ip, message_id, received_at, due_at)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                req.account, req.email_id, ack, state, int(req.numbered), req.sender,
+                req.reference, req.not_to, req.mail_from, req.client_ip, req.message_id,
+                req.received_at, req.due_at,
+            ),
+        )  # fmt: skip
+        request_id = int(cur.lastrowid or 0)
+        if ack == 0 and req.email_id is not None:
+            try:
+                db.execute(
+                    "INSERT INTO email_ids VALUES (?,?,?)", (req.account, req.email_id, request_id)
+                )
+            except sqlite3.IntegrityError:
+                ack = 1
+                db.execute(
+                    "UPDATE requests SET ack_code = 1, state = 'done', done_at = ? WHERE id = ?",
+                    (req.received_at, request_id),
+                )
+        if req.ack_to:
+            self._add_report(db, request_id, "ack", req.ack_to, req.received_at)
+        if ack == 0:
+            db.executemany(
+                "INSERT INTO recipients (request_id, idx, tel, number, text, encoding, parts,"
+                " max_parts, code, done_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (
+                    (
+                        request_id, i, r.tel, r.number, r.text, r.encoding, r.parts,
+                        r.max_parts, r.code, None if r.code is None else req.received_at,
+                    )
+                    for i, r in enumerate(req.recipients, start=1)
+                ),
+            )  # fmt: skip
+            self._finish_if_done(db, request_id, req.received_at)
+        return Admission(request_id, ack)
+
+    @staticmethod
+    def _add_report(db: sqlite3.Connection, request_id: int, kind: str, to: str, now: float) -> None:
+        db.execute(
+            "INSERT INTO reports (request_id, kind, to_addr, state, created_at, due_at)"
+            " VALUES (?,?,?,'pending',?,?)",
+            (request_id, kind, to, now, now),
+        )
+
+    async def add_request(self, request: NewRequest) -> Admission:
+        return await self._run(self._tx, lambda db: self._add_request(db, request))
+
+    # -- dispatch --------------------------------------------------------
+
+    def _recover(self, db: sqlite3.Connection) -> int:
+        n = db.execute(
+            "UPDATE requests SET claimed_until = NULL WHERE claimed_until IS NOT NULL"
+        ).rowcount
+        db.execute("UPDATE reports SET claimed_until = NULL WHERE claimed_until IS NOT NULL")
+        # An attempt cut short by the crash may have reached the provider.
+        db.execute("UPDATE recipients SET in_doubt = 1, submitting = 0 WHERE submitting = 1")
+        return int(n)
+
+    async def recover(self) -> int:
+        return await self._run(self._tx, self._recover)
+
+    def _claim(self, db: sqlite3.Connection, now: float, lease_s: float) -> ClaimedRequest | None:
+        row = db.execute(
+            "UPDATE requests SET claimed_until = ? WHERE id = ("
+            " SELECT id FROM requests WHERE state = 'queued' AND due_at <= ?"
+            " AND (claimed_until IS NULL OR claimed_until < ?) ORDER BY due_at, id LIMIT 1)"
+            " RETURNING id, account, email_id, sender, reference, attempts",
+            (now + lease_s, now, now),
+        ).fetchone()
+        return None if row is None else ClaimedRequest(*row)
+
+    async def claim_request(self, now: float, lease_s: float) -> ClaimedRequest | None:
+        return await self._run(self._tx, lambda db: self._claim(db, now, lease_s))
+
+    def _next_due(self) -> float | None:
+        row = self.db.execute(
+            "SELECT min(t) FROM ("
+            " SELECT min(max(due_at, coalesce(claimed_until, 0))) AS t FROM requests"
+            "  WHERE state = 'queued'"
+            " UNION ALL"
+            " SELECT min(max(due_at, coalesce(claimed_until, 0))) FROM reports"
+            "  WHERE state = 'pending')"
+        ).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    async def next_due(self) -> float | None:
+        return await self._run(self._next_due)
+
+    def _pending(self, request_id: int, now: float, limit: int) -> list[PendingRecipient]:
+        rows = self.db.execute(
+            "SELECT idx, number, text, encoding, parts, max_parts, provider_index, attempts,"
+            " in_doubt OR submitting FROM recipients"
+            " WHERE request_id = ? AND code IS NULL AND due_at <= ? ORDER BY idx LIMIT ?",
+            (request_id, now, limit),
+        ).fetchall()
+        return [
+            PendingRecipient(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], bool(r[8]))
+            for r in rows
+        ]
+
+    async def pending_recipients(
+        self, request_id: int, now: float, limit: int
+    ) -> list[PendingRecipient]:
+        return await self._run(self._pending, request_id, now, limit)
+
+    async def mark_submitting(self, request_id: int, idxs: Sequence[int], provider: str) -> None:
+        def mark(db: sqlite3.Connection) -> None:
+            db.executemany(
+                "UPDATE recipients SET submitting = 1, provider = ?"
+                " WHERE request_id = ? AND idx = ?",
+                ((provider, request_id, i) for i in idxs),
+            )
+
+        await self._run(self._tx, mark)
+
+    async def reserve_credit(self, account: str, parts: int, credit: int) -> bool:
+        def reserve(db: sqlite3.Connection) -> bool:
+            db.execute("INSERT OR IGNORE INTO credits VALUES (?, 0)", (account,))
+            row = db.execute(
+                "UPDATE credits SET used = used + ? WHERE account = ? AND used + ? <= ?"
+                " RETURNING used",
+                (parts, account, parts, credit),
+            ).fetchone()
+            return row is not None
+
+        return await self._run(self._tx, reserve)
+
+    def _record(
+        self,
+        db: sqlite3.Connection,
+        request_id: int,
+        account: str,
+        results: Sequence[RecipientResult],
+        now: float,
+    ) -> None:
+        db.executemany(
+            "UPDATE recipients SET code = ?, provider = coalesce(?, provider),"
+            " provider_message_id = coalesce(?, provider_message_id), detail = ?, due_at = ?,"
+            " provider_index = ?, attempts = ?, submitting = 0,"
+            " in_doubt = CASE WHEN ? IS NULL THEN 1 ELSE in_doubt END,"
+            " done_at = CASE WHEN ? IS NULL THEN NULL ELSE ? END"
+            " WHERE request_id = ? AND idx = ?",
+            (
+                (
+                    r.code, r.provider, r.provider_message_id, r.detail, r.due_at,
+                    r.provider_index, r.attempts, r.code, r.code, now, request_id, r.idx,
+                )
+                for r in results
+            ),
+        )  # fmt: skip
+        refund = sum(r.refund_parts for r in results)
+        if refund:
+            db.execute(
+                "UPDATE credits SET used = max(0, used - ?) WHERE account = ?", (refund, account)
+            )
+
+    async def record_results(
+        self, request_id: int, account: str, results: Sequence[RecipientResult], now: float
+    ) -> None:
+        await self._run(
+            self._tx, lambda db: self._record(db, request_id, account, results, now)
+        )
+
+    async def release_request(
+        self, request_id: int, due_at: float, error: str | None, count_attempt: bool
+    ) -> None:
+        def release(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE requests SET claimed_until = NULL, due_at = ?,"
+                " last_error = coalesce(?, last_error), attempts = attempts + ? WHERE id = ?",
+                (due_at, error, int(count_attempt), request_id),
+            )
+
+        await self._run(self._tx, release)
+
+    def _finish_if_done(self, db: sqlite3.Connection, request_id: int, now: float) -> bool:
+        left = db.execute(
+            "SELECT 1 FROM recipients WHERE request_id = ? AND code IS NULL LIMIT 1",
+            (request_id,),
+        ).fetchone()
+        if left is not None:
+            return False
+        row = db.execute(
+            "UPDATE requests SET state = 'done', done_at = ?, claimed_until = NULL"
+            " WHERE id = ? AND state = 'queued' RETURNING not_to",
+            (now, request_id),
+        ).fetchone()
+        if row is not None and row[0]:
+            self._add_report(db, request_id, "not", row[0], now)
+        return row is not None
+
+    async def finish_if_done(self, request_id: int, now: float) -> bool:
+        return await self._run(self._tx, lambda db: self._finish_if_done(db, request_id, now))
+
+    async def quarantine(self, request_id: int, error: str) -> None:
+        def q(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE requests SET state = 'quarantined', claimed_until = NULL, last_error = ?"
+                " WHERE id = ?",
+                (error, request_id),
+            )
+
+        await self._run(self._tx, q)
+
+    # -- reports ---------------------------------------------------------
+
+    async def claim_reports(self, now: float, limit: int, lease_s: float) -> list[ReportJob]:
+        def claim(db: sqlite3.Connection) -> list[ReportJob]:
+            rows = db.execute(
+                "UPDATE reports SET claimed_until = ? WHERE id IN ("
+                " SELECT id FROM reports WHERE state = 'pending' AND due_at <= ?"
+                " AND (claimed_until IS NULL OR claimed_until < ?) ORDER BY id LIMIT ?)"
+                " RETURNING id, request_id, kind, to_addr, created_at, attempts",
+                (now + lease_s, now, now, limit),
+            ).fetchall()
+            return sorted((ReportJob(*r) for r in rows), key=lambda j: j.id)
+
+        return await self._run(self._tx, claim)
+
+    def _report_data(self, request_id: int) -> ReportData:
+        row = self.db.execute(
+            "SELECT email_id, ack_code, numbered, message_id FROM requests WHERE id = ?",
+            (request_id,),
+        ).fetchone()
+        rows = self.db.execute(
+            "SELECT tel, coalesce(code, 999) FROM recipients WHERE request_id = ? ORDER BY idx",
+            (request_id,),
+        ).fetchall()
+        return ReportData(row[0], row[1], bool(row[2]), [(t, c) for t, c in rows], row[3])
+
+    async def report_data(self, request_id: int) -> ReportData:
+        return await self._run(self._report_data, request_id)
+
+    async def report_sent(self, report_id: int, now: float) -> None:
+        def sent(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE reports SET state = 'sent', sent_at = ?, claimed_until = NULL,"
+                " attempts = attempts + 1 WHERE id = ?",
+                (now, report_id),
+            )
+
+        await self._run(self._tx, sent)
+
+    async def report_failed(self, report_id: int, due_at: float, error: str) -> None:
+        def failed(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE reports SET due_at = ?, last_error = ?, claimed_until = NULL,"
+                " attempts = attempts + 1 WHERE id = ?",
+                (due_at, error, report_id),
+            )
+
+        await self._run(self._tx, failed)
+
+    # -- status ----------------------------------------------------------
+
+    def _status(self, now: float) -> dict[str, object]:
+        db = self.db
+        requests = {
+            state: n
+            for state, n in db.execute(
+                "SELECT CASE WHEN state = 'queued' AND due_at > ? THEN 'waiting' ELSE state END,"
+                " count(*) FROM requests GROUP BY 1",
+                (now,),
+            )
+        }
+        reports = dict(db.execute("SELECT state, count(*) FROM reports GROUP BY state").fetchall())
+        pending = db.execute("SELECT count(*) FROM recipients WHERE code IS NULL").fetchone()[0]
+        errors = [
+            f"request {i}: {e}"
+            for i, e in db.execute(
+                "SELECT id, last_error FROM requests WHERE last_error IS NOT NULL"
+                " AND state != 'done' ORDER BY id DESC LIMIT 5"
+            )
+        ] + [
+            f"report {i} to {t}: {e}"
+            for i, t, e in db.execute(
+                "SELECT id, to_addr, last_error FROM reports WHERE last_error IS NOT NULL"
+                " AND state = 'pending' ORDER BY id DESC LIMIT 5"
+            )
+        ]
+        return {
+            "requests": requests,
+            "recipients_pending": pending,
+            "reports": reports,
+            "last_errors": errors,
+        }
+
+    async def status(self, now: float) -> dict[str, object]:
+        return await self._run(self._status, now)
