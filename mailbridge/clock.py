@@ -6,6 +6,7 @@ Europe/Paris themselves.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import UTC, datetime
 from typing import Protocol
@@ -52,3 +53,18 @@ class FakeClock:
         from datetime import timedelta
 
         self._now = self._now + timedelta(seconds=seconds)
+
+
+async def nap(wake: asyncio.Event, stopping: asyncio.Event, timeout: float) -> None:
+    """Sleep until `wake` or `stopping` is set, or `timeout` seconds pass.
+
+    Background loops use it between rounds: new work sets `wake`, so nothing
+    waits for a poll interval, and the timeout only covers work that becomes
+    due by itself (retries, deferred sends).
+    """
+    waiters = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stopping.wait())]
+    try:
+        await asyncio.wait(waiters, timeout=max(0.0, timeout), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()

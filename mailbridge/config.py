@@ -172,6 +172,16 @@ class RouteConfig(_Model):
     prefix: str = ""  # matched against the E.164 number ("+7", "+336"); "" matches all
     providers: list[str] = Field(min_length=1)
 
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        v = v.strip().replace(" ", "")
+        if v and not v.startswith("+"):
+            v = "+" + v.removeprefix("00")
+        if v and not v[1:].isdigit():
+            raise ValueError(f"{v!r}: a prefix is '+' and digits, e.g. '+7' or '+336'")
+        return v
+
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 

@@ -17,7 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
+
+if TYPE_CHECKING:
+    import httpx
+
+    from mailbridge.config import ProviderConfig
 
 Encoding = Literal["gsm7", "ucs2"]
 
@@ -87,3 +92,21 @@ class Provider(Protocol):
     async def aclose(self) -> None:
         """Release files and connections."""
         ...
+
+
+# Provider type (config `type:`) -> the module whose `build(name, config, http)` makes it.
+PROVIDER_MODULES = {
+    "outbox": "mailbridge.providers.outbox",
+    "cm": "mailbridge.providers.cm",
+    "smsmode": "mailbridge.providers.smsmode",
+    "kcell": "mailbridge.providers.kcell",
+}
+
+
+def build_provider(name: str, config: ProviderConfig, http: httpx.AsyncClient) -> Provider:
+    """Make the configured provider `name`."""
+    import importlib
+
+    module = importlib.import_module(PROVIDER_MODULES[config.type])
+    provider: Provider = module.build(name, config, http)
+    return provider

@@ -62,8 +62,11 @@ class Store(Protocol):
         """Recipients without a code whose retry time has come, in index order."""
         ...
 
-    async def mark_submitting(self, request_id: int, idxs: Sequence[int], provider: str) -> None:
-        """Record that these recipients are about to be handed to `provider`."""
+    async def mark_submitting(
+        self, request_id: int, idxs: Sequence[int], provider: str, lease_until: float
+    ) -> None:
+        """Record that these recipients are about to be handed to `provider`;
+        renew the request's lease."""
         ...
 
     async def reserve_credit(self, account: str, parts: int, credit: int) -> bool:
@@ -77,9 +80,10 @@ class Store(Protocol):
         ...
 
     async def release_request(
-        self, request_id: int, due_at: float, error: str | None, count_attempt: bool
+        self, request_id: int, due_at: float | None, error: str | None, count_attempt: bool
     ) -> None:
-        """Give the lease back; the request is due again at `due_at`."""
+        """Give the lease back; due again at `due_at` (None: when its first
+        pending recipient is)."""
         ...
 
     async def finish_if_done(self, request_id: int, now: float) -> bool:

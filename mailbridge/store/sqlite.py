@@ -286,8 +286,13 @@ class SqliteStore:
     ) -> list[PendingRecipient]:
         return await self._run(self._pending, request_id, now, limit)
 
-    async def mark_submitting(self, request_id: int, idxs: Sequence[int], provider: str) -> None:
+    async def mark_submitting(
+        self, request_id: int, idxs: Sequence[int], provider: str, lease_until: float
+    ) -> None:
         def mark(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE requests SET claimed_until = ? WHERE id = ?", (lease_until, request_id)
+            )
             db.executemany(
                 "UPDATE recipients SET submitting = 1, provider = ?"
                 " WHERE request_id = ? AND idx = ?",
@@ -345,11 +350,13 @@ class SqliteStore:
         )
 
     async def release_request(
-        self, request_id: int, due_at: float, error: str | None, count_attempt: bool
+        self, request_id: int, due_at: float | None, error: str | None, count_attempt: bool
     ) -> None:
         def release(db: sqlite3.Connection) -> None:
             db.execute(
-                "UPDATE requests SET claimed_until = NULL, due_at = ?,"
+                "UPDATE requests SET claimed_until = NULL,"
+                " due_at = coalesce(?, (SELECT min(due_at) FROM recipients"
+                "  WHERE request_id = requests.id AND code IS NULL), due_at),"
                 " last_error = coalesce(?, last_error), attempts = attempts + ? WHERE id = ?",
                 (due_at, error, int(count_attempt), request_id),
             )

@@ -1,0 +1,238 @@
+"""Command line: `mailbridge serve | check-config | send | status`.
+
+Sets up logging and hands over to the composition root; no business logic.
+Exit codes: 0 ok, 1 a check failed or the daemon failed, 2 bad configuration
+or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import secrets
+import smtplib
+import sys
+import time
+from email.message import EmailMessage
+from pathlib import Path
+
+from mailbridge.config import Config, ConfigError, load_config, parse_hostport
+
+DEFAULT_CONFIG = Path("config.yaml")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # aiosmtpd logs every command at INFO; our intake logs one line per email.
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def _load(path: Path) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as err:
+        print(f"{err.source}: invalid configuration:", file=sys.stderr)
+        for problem in err.problems:
+            print(f"  {problem}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from mailbridge.app import Daemon
+
+    config = _load(args.config)
+    _setup_logging(config.log_level)
+    try:
+        asyncio.run(Daemon(config).serve())
+    except OSError as err:  # e.g. the port is taken
+        logging.getLogger("mailbridge").error("cannot start: %s", err)
+        return 1
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    print(
+        f"{args.config}: OK: {len(config.accounts)} account(s), "
+        f"providers {', '.join(config.providers)}, SMTP on {config.smtp.listen}"
+    )
+    if not args.online:
+        return 0
+    return asyncio.run(_check_online(config))
+
+
+async def _check_online(config: Config) -> int:
+    import httpx
+
+    from mailbridge.providers import build_provider
+
+    failed = 0
+    async with httpx.AsyncClient() as http:
+        for name, pc in config.providers.items():
+            provider = build_provider(name, pc, http)
+            try:
+                verdict = await provider.check()
+                print(f"provider {name} ({pc.type}): {verdict}")
+            except Exception as err:  # every failure is reported, none stops the others
+                failed += 1
+                print(f"provider {name} ({pc.type}): FAILED: {type(err).__name__}: {err}")
+            finally:
+                await provider.aclose()
+    return 1 if failed else 0
+
+
+def compose_request(args: argparse.Namespace, config: Config) -> EmailMessage:
+    """The <envoi> email `mailbridge send` submits."""
+    account = config.accounts[0]
+    keyid = args.keyid or account.keyid
+    sender = args.sender or (
+        account.sender_addresses[0]
+        if account.sender_addresses
+        else f"mailbridge-send@{account.sender_domains[0]}"
+    )
+    fields: list[tuple[str, str]] = [("keyid", keyid)]
+    numbers = args.num or []
+    if len(numbers) == 1 and not args.numbered:
+        fields.append(("num", numbers[0]))
+    else:
+        fields += [(f"num{i}", n) for i, n in enumerate(numbers, start=1)]
+    if args.sms is not None:
+        fields.append(("sms", args.sms))
+    for tag in ("emetteur", "tracker", "smslong"):
+        if getattr(args, tag) is not None:
+            fields.append((tag, getattr(args, tag)))
+    if args.nostop:
+        fields.append(("nostop", "1"))
+    email_id = args.email_id or f"{int(time.time() * 1000)}{secrets.randbelow(1000):03d}"
+    fields.append(("emailId", email_id))
+    fields.append(("emailAck", args.ack or sender))
+    fields.append(("emailNot", args.not_ or sender))
+    body = "<envoi>\n" + "".join(f"<{t}>{_escape(v)}</{t}>\n" for t, v in fields) + "</envoi>\n"
+    msg = EmailMessage()
+    msg["From"] = sender
+    msg["To"] = args.to or config.smtp.recipients[0]
+    msg["Subject"] = f"SMS request {email_id}"
+    msg.set_content(body, charset="utf-8")
+    for path in (args.mobiles, args.message):
+        if path is not None:
+            data = Path(path).read_bytes()
+            name = "mobiles.csv" if path is args.mobiles else "message.csv"
+            msg.add_attachment(data, maintype="text", subtype="csv", filename=name)
+    return msg
+
+
+def _escape(value: str) -> str:
+    return value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if not args.num and not args.mobiles:
+        print("send: give --num (repeatable) or --mobiles FILE", file=sys.stderr)
+        return 2
+    msg = compose_request(args, config)
+    host, port = parse_hostport(args.server or config.smtp.listen)
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1"
+    try:
+        with smtplib.SMTP(host, port, timeout=60) as smtp:
+            refused = smtp.send_message(msg)
+            code, text = smtp.noop()
+    except smtplib.SMTPResponseException as err:
+        print(f"refused: {err.smtp_code} {err.smtp_error.decode(errors='replace')}")
+        return 1
+    except smtplib.SMTPRecipientsRefused as err:
+        for rcpt, (code, text) in err.recipients.items():
+            print(f"refused: {rcpt}: {code} {text.decode(errors='replace')}")
+        return 1
+    except OSError as err:
+        print(f"cannot reach {host}:{port}: {err}", file=sys.stderr)
+        return 1
+    if refused:
+        print(f"refused recipients: {refused}")
+        return 1
+    print(f"sent emailId {msg['Subject'].split()[-1]} to {msg['To']} via {host}:{port}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from mailbridge.store import open_store
+
+    config = _load(args.config)
+
+    async def read() -> dict[str, object]:
+        store = open_store(config.store)
+        await store.open()
+        try:
+            return await store.status(time.time())
+        finally:
+            await store.close()
+
+    status = asyncio.run(read())
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    requests = status["requests"]
+    assert isinstance(requests, dict)
+    print("requests:", ", ".join(f"{k} {v}" for k, v in sorted(requests.items())) or "none")
+    print("recipients waiting for a code:", status["recipients_pending"])
+    reports = status["reports"]
+    assert isinstance(reports, dict)
+    print("reports:", ", ".join(f"{k} {v}" for k, v in sorted(reports.items())) or "none")
+    errors = status["last_errors"]
+    assert isinstance(errors, list)
+    if errors:
+        print("last errors:")
+        for line in errors:
+            print("  " + line)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mailbridge", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("-c", "--config", type=Path, default=DEFAULT_CONFIG, help="config file")
+        return p
+
+    add("serve", "run the daemon (SIGTERM stops it cleanly)").set_defaults(func=cmd_serve)
+    check = add("check-config", "validate the configuration and name every bad key")
+    check.add_argument("--online", action="store_true", help="also try each provider's login")
+    check.set_defaults(func=cmd_check_config)
+    send = add("send", "compose an <envoi> request and submit it over SMTP")
+    send.add_argument("--num", action="append", help="a recipient number (repeat for several)")
+    send.add_argument("--numbered", action="store_true", help="use <num1> even for one number")
+    send.add_argument("--sms", help="the message (Ö is a line break)")
+    send.add_argument("--mobiles", help="a mobiles.csv file to attach")
+    send.add_argument("--message", help="a message.csv file to attach")
+    send.add_argument("--emetteur", help="sender id")
+    send.add_argument("--tracker", help="your reference for this send")
+    send.add_argument("--smslong", help="maximum SMS parts")
+    send.add_argument("--nostop", action="store_true", help="ask for no STOP mention")
+    send.add_argument("--email-id", help="emailId (default: a new one)")
+    send.add_argument("--ack", help="emailAck address (default: the sender)")
+    send.add_argument("--not", dest="not_", help="emailNot address (default: the sender)")
+    send.add_argument("--keyid", help="account key (default: the first account's)")
+    send.add_argument("--from", dest="sender", help="sender address (default: from the account)")
+    send.add_argument("--to", help="intake address (default: the first smtp.recipients)")
+    send.add_argument("--server", help="host:port (default: smtp.listen)")
+    send.set_defaults(func=cmd_send)
+    status = add("status", "queue counts by state and the last errors")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result: int = args.func(args)
+    return result

@@ -1,0 +1,317 @@
+"""Send stored requests: claim, route, batch, submit, record, retry, fail over.
+
+Input: queued requests in the store. Output: a code for every recipient, then
+the request marked done with its Not report queued. Failure behaviour:
+- a transient provider failure is retried with doubling backoff and jitter up
+  to the provider's `retry_attempts`, then the next provider of the route is
+  tried at once; after the last one the recipient gets 29 (throttled) or 999;
+- rejected credentials keep the work pending (an operator must act), loudly;
+- an unexpected error in a request is retried later and, after
+  `dispatch.max_attempts`, the request is quarantined for a human;
+- every attempt is recorded before it starts (`submitting`), so a crash leaves
+  the recipient in doubt, never forgotten; retry state lives in the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+
+from mailbridge.clock import Clock, nap
+from mailbridge.codes import Code
+from mailbridge.config import AccountConfig, DispatchConfig, ProviderConfig
+from mailbridge.model import ClaimedRequest, PendingRecipient, RecipientResult
+from mailbridge.providers import (
+    Outcome,
+    Provider,
+    ProviderAuthError,
+    SmsMessage,
+    TemporaryProviderError,
+)
+from mailbridge.routing import route_for
+from mailbridge.store import Store, StoreUnavailable
+
+log = logging.getLogger(__name__)
+PAGE = 5000  # recipients loaded at once from a large request
+
+
+def backoff(base_s: float, attempt: int) -> float:
+    """Delay before attempt `attempt + 1`: base doubling per attempt, ±20% jitter."""
+    return base_s * (2 ** max(0, attempt - 1)) * random.uniform(0.8, 1.2)
+
+
+class Dispatcher:
+    """Worker pool over the store's queued requests."""
+
+    def __init__(
+        self,
+        store: Store,
+        providers: Mapping[str, Provider],
+        provider_configs: Mapping[str, ProviderConfig],
+        accounts: Mapping[str, AccountConfig],
+        config: DispatchConfig,
+        clock: Clock,
+        on_done: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.store = store
+        self.providers = providers
+        self.provider_configs = provider_configs
+        self.accounts = accounts
+        self.config = config
+        self.clock = clock
+        self.on_done = on_done  # a request finished: its Not report is due
+
+    # -- the loop --------------------------------------------------------
+
+    async def run(self, wake: asyncio.Event, stopping: asyncio.Event, grace_s: float) -> None:
+        """Serve until `stopping`; then let in-flight requests finish for `grace_s`."""
+        slots = asyncio.Semaphore(self.config.workers)
+        tasks: set[asyncio.Task[None]] = set()
+        while not stopping.is_set():
+            wake.clear()
+            while not stopping.is_set():
+                await slots.acquire()
+                try:
+                    claimed = await self.store.claim_request(
+                        self.clock.time(), self.config.lease_s
+                    )
+                except StoreUnavailable as err:
+                    log.error("dispatch: store unavailable: %s", err)
+                    claimed = None
+                if claimed is None:
+                    slots.release()
+                    break
+                task = asyncio.create_task(self.process(claimed))
+                tasks.add(task)
+                task.add_done_callback(lambda t: (tasks.discard(t), slots.release()))
+            await nap(wake, stopping, await self._idle_time())
+        if tasks:
+            log.info("dispatch: stopping, waiting for %d request(s) in flight", len(tasks))
+            _, late = await asyncio.wait(tasks, timeout=grace_s)
+            for task in late:
+                task.cancel()  # their recipients stay `submitting`: in doubt at next start
+            if late:
+                await asyncio.wait(late)
+
+    async def _idle_time(self) -> float:
+        try:
+            due = await self.store.next_due()
+        except StoreUnavailable:
+            return 5.0
+        return 60.0 if due is None else max(0.05, min(60.0, due - self.clock.time()))
+
+    async def run_once(self) -> int:
+        """Process every request due now, one at a time (tests, `serve --once`)."""
+        count = 0
+        while (claimed := await self.store.claim_request(self.clock.time(), 60.0)) is not None:
+            await self.process(claimed)
+            count += 1
+        return count
+
+    # -- one request -----------------------------------------------------
+
+    async def process(self, claimed: ClaimedRequest) -> None:
+        """Send what is due in one claimed request; never raises."""
+        try:
+            account = self.accounts.get(claimed.account)
+            while True:
+                now = self.clock.time()
+                pending = await self.store.pending_recipients(claimed.id, now, PAGE)
+                if not pending:
+                    break
+                await self._send_page(claimed, account, pending)
+            if await self.store.finish_if_done(claimed.id, self.clock.time()):
+                log.info("request %d: every recipient has its code", claimed.id)
+                self.on_done()
+            else:
+                await self.store.release_request(claimed.id, None, None, count_attempt=False)
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:
+            await self._failed(claimed, err)
+
+    async def _failed(self, claimed: ClaimedRequest, err: Exception) -> None:
+        attempts = claimed.attempts + 1
+        if isinstance(err, StoreUnavailable):
+            log.error("request %d: store unavailable: %s", claimed.id, err)
+        else:
+            log.exception("request %d: unexpected error (attempt %d)", claimed.id, attempts)
+        try:
+            if attempts >= self.config.max_attempts and not isinstance(err, StoreUnavailable):
+                await self.store.quarantine(claimed.id, f"{type(err).__name__}: {err}")
+                log.error("request %d: quarantined after %d attempts", claimed.id, attempts)
+            else:
+                due = self.clock.time() + backoff(self.config.provider_wait_s, attempts)
+                await self.store.release_request(claimed.id, due, str(err)[:500], True)
+        except StoreUnavailable:
+            pass  # the lease expires by itself and the request is claimed again
+
+    async def _send_page(
+        self,
+        claimed: ClaimedRequest,
+        account: AccountConfig | None,
+        pending: Sequence[PendingRecipient],
+    ) -> None:
+        now = self.clock.time()
+        final: list[RecipientResult] = []
+        groups: dict[str, list[tuple[PendingRecipient, list[str]]]] = defaultdict(list)
+        for rcpt in pending:
+            route = route_for(account, rcpt.number) if account is not None else []
+            if rcpt.provider_index >= len(route):
+                why = "account no longer configured" if account is None else "no route"
+                log.warning("request %d: %s for %s: code 999", claimed.id, why, rcpt.number)
+                final.append(RecipientResult(rcpt.idx, Code.ERROR, detail=why))
+                continue
+            groups[route[rcpt.provider_index]].append((rcpt, route))
+        if final:
+            await self.store.record_results(claimed.id, claimed.account, final, now)
+        for name, group in groups.items():
+            size = self.providers[name].max_batch
+            for start in range(0, len(group), size):
+                assert account is not None
+                await self._send_chunk(claimed, account, name, group[start : start + size])
+
+    async def _reserve(
+        self, account: AccountConfig, chunk: Sequence[PendingRecipient]
+    ) -> tuple[list[PendingRecipient], list[RecipientResult]]:
+        """Take credit for the chunk; recipients beyond the credit get 12."""
+        if account.credit is None:
+            return list(chunk), []
+        total = sum(r.parts for r in chunk)
+        if await self.store.reserve_credit(account.keyid, total, account.credit):
+            return list(chunk), []
+        ok: list[PendingRecipient] = []
+        refused: list[RecipientResult] = []
+        for r in chunk:
+            if await self.store.reserve_credit(account.keyid, r.parts, account.credit):
+                ok.append(r)
+            else:
+                refused.append(RecipientResult(r.idx, Code.NO_CREDIT, detail="credit exhausted"))
+        return ok, refused
+
+    async def _send_chunk(
+        self,
+        claimed: ClaimedRequest,
+        account: AccountConfig,
+        name: str,
+        group: Sequence[tuple[PendingRecipient, list[str]]],
+    ) -> None:
+        provider = self.providers[name]
+        routes = {r.idx: route for r, route in group}
+        chunk, results = await self._reserve(account, [r for r, _ in group])
+        if chunk:
+            messages = [self._message(claimed, r) for r in chunk]
+            await self.store.mark_submitting(
+                claimed.id,
+                [r.idx for r in chunk],
+                name,
+                self.clock.time() + self.config.lease_s,
+            )
+            try:
+                outcomes = await self._submit(claimed, provider, messages)
+            except ProviderAuthError as err:
+                log.error(
+                    "request %d: PROVIDER %s REFUSED OUR CREDENTIALS: %s -- fix the"
+                    " configuration; the SMS stay queued",
+                    claimed.id, name, err,
+                )  # fmt: skip
+                # Not the recipients' fault: hold them without counting an attempt.
+                hold = self.clock.time() + self.config.provider_wait_s
+                detail = f"credentials refused: {err}"
+                results += [
+                    RecipientResult(
+                        r.idx, None, name, None, detail, hold, r.provider_index, r.attempts,
+                        refund_parts=r.parts,
+                    )  # fmt: skip
+                    for r in chunk
+                ]
+            else:
+                now = self.clock.time()
+                by_key = {o.key: o for o in outcomes}
+                for rcpt, msg in zip(chunk, messages, strict=True):
+                    outcome = by_key.get(msg.key) or Outcome(
+                        msg.key, Code.ERROR, detail="no answer for this message", retry=True
+                    )
+                    results.append(self._decide(claimed, name, rcpt, routes[rcpt.idx], outcome, now))
+        await self.store.record_results(claimed.id, account.keyid, results, self.clock.time())
+        sent = sum(1 for r in results if r.code == 0)
+        log.info(
+            "request %d: %s: %d submitted, %d accepted, %d final other, %d to retry",
+            claimed.id, name, len(chunk), sent,
+            sum(1 for r in results if r.code not in (None, 0)),
+            sum(1 for r in results if r.code is None),
+        )  # fmt: skip
+
+    def _message(self, claimed: ClaimedRequest, r: PendingRecipient) -> SmsMessage:
+        return SmsMessage(
+            key=f"mb{self.store.instance_id}-{claimed.id}-{r.idx}",
+            to=r.number,
+            sender=claimed.sender,
+            text=r.text,
+            encoding=r.encoding,
+            parts=r.parts,
+            max_parts=r.max_parts,
+            reference=claimed.reference,
+            request_id=claimed.id,
+            in_doubt=r.in_doubt,
+        )
+
+    async def _submit(
+        self, claimed: ClaimedRequest, provider: Provider, messages: list[SmsMessage]
+    ) -> list[Outcome]:
+        """Call the provider; turn transient whole-batch failures into per-message
+        retry outcomes (ProviderAuthError goes up: it is not the messages' fault)."""
+        try:
+            return await provider.send(messages)
+        except ProviderAuthError:
+            raise
+        except TemporaryProviderError as err:
+            code = Code.OVERFLOW if err.throttled else Code.ERROR
+            return [Outcome(m.key, code, detail=str(err), retry=True) for m in messages]
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:
+            log.exception("request %d: provider %s raised", claimed.id, provider.name)
+            return [Outcome(m.key, Code.ERROR, detail=repr(err), retry=True) for m in messages]
+
+    def _decide(
+        self,
+        claimed: ClaimedRequest,
+        name: str,
+        rcpt: PendingRecipient,
+        route: list[str],
+        outcome: Outcome,
+        now: float,
+    ) -> RecipientResult:
+        """The outcome of one attempt -> a final code, a retry, or a failover."""
+        if not outcome.retry:
+            return RecipientResult(
+                rcpt.idx, outcome.code, name, outcome.provider_message_id, outcome.detail, now,
+                rcpt.provider_index, rcpt.attempts + 1,
+                refund_parts=0 if outcome.code == 0 else rcpt.parts,
+            )  # fmt: skip
+        attempts = rcpt.attempts + 1
+        settings = self.provider_configs[name]
+        if attempts < settings.retry_attempts:
+            due = now + backoff(settings.retry_backoff_s, attempts)
+            return RecipientResult(
+                rcpt.idx, None, name, None, outcome.detail, due, rcpt.provider_index, attempts,
+                refund_parts=rcpt.parts,
+            )  # fmt: skip
+        if rcpt.provider_index + 1 < len(route):
+            log.warning(
+                "request %d: %s failed %d times for %s (%s); failing over to %s",
+                claimed.id, name, attempts, rcpt.number, outcome.detail,
+                route[rcpt.provider_index + 1],
+            )  # fmt: skip
+            return RecipientResult(
+                rcpt.idx, None, name, None, outcome.detail, now, rcpt.provider_index + 1, 0,
+                refund_parts=rcpt.parts,
+            )  # fmt: skip
+        return RecipientResult(
+            rcpt.idx, outcome.code, name, None, outcome.detail, now, rcpt.provider_index,
+            attempts, refund_parts=rcpt.parts,
+        )  # fmt: skip

@@ -1,0 +1,305 @@
+"""SMTP intake: the aiosmtpd handler that turns an email into a stored request.
+
+Input: an SMTP dialogue. Output: a request durably in the store, answered
+`250` with its id; or a precise refusal:
+- RCPT outside `smtp.recipients`                 -> 550 5.1.1 (never an open relay)
+- message over `smtp.max_message_bytes`          -> 552 5.3.4 (at MAIL with SIZE=, or DATA)
+- no/unknown keyid, sender or client IP refused  -> 550 5.7.1, and no report (no backscatter)
+- invalid request and no emailAck to tell        -> 550 5.6.0
+- store unavailable                              -> 451 4.3.0 (the client retries)
+Parsing and checks run inside DATA, on a worker thread so that one large
+email does not stall the other connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from email.utils import parseaddr
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from mailbridge.checks import AccountRules, CheckedRequest, check_request
+from mailbridge.clock import Clock
+from mailbridge.codes import Ack
+from mailbridge.config import AccountConfig, Config, find_account
+from mailbridge.envoi import Envoi, EnvoiFormatError, parse_envoi
+from mailbridge.mime import MailContent, read_mail
+from mailbridge.model import NewRequest
+from mailbridge.store import Store, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+REPLY_OK = "250 2.0.0 Ok: queued as {}"
+REPLY_AUTO_IGNORED = "250 2.0.0 Ok: automatic reply ignored (Auto-Submitted), nothing sent"
+REPLY_UNKNOWN_RECIPIENT = "550 5.1.1 <{}>: Recipient address rejected: not an SMS intake address"
+REPLY_TOO_BIG = "552 5.3.4 Message too big: the limit is {} bytes"
+REPLY_STORE_DOWN = "451 4.3.0 Temporary storage failure, please try again later"
+REPLY_NO_KEYID = "550 5.7.1 Request refused: no <envoi> block with a <keyid> found"
+REPLY_UNKNOWN_KEYID = "550 5.7.1 Request refused: unknown keyid"
+REPLY_SENDER = "550 5.7.1 Request refused: sender <{}> is not allowed for this account"
+REPLY_NO_FROM = "550 5.7.1 Request refused: no From: header"
+REPLY_SENDER_UNKNOWN = "550 5.7.1 Sender <{}> is not allowed to send SMS requests here"
+REPLY_IP = "550 5.7.1 Request refused: client address {} is not allowed for this account"
+REPLY_INVALID_NO_ACK = "550 5.6.0 Request not processed ({}) and no <emailAck> to report to"
+REPLY_TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, try again later"
+# Auto-Submitted values that still make a normal request (RFC 3834: cron, ERPs).
+NORMAL_AUTO_SUBMITTED = (None, "no", "auto-generated")
+
+
+class Refused(Exception):
+    """The email is refused in the SMTP dialogue with `reply`; no report."""
+
+    def __init__(self, reply: str) -> None:
+        super().__init__(reply)
+        self.reply = reply
+
+
+@dataclass(frozen=True)
+class Examined:
+    """What DATA found: the request to store, and what to log."""
+
+    request: NewRequest
+    account: AccountConfig
+    checked: CheckedRequest
+
+
+class IntakeSMTP(SMTP):
+    """aiosmtpd's SMTP with our size replies and a connection limit."""
+
+    def __init__(self, handler: IntakeHandler, connections: list[int], limit: int, **kw: Any):
+        super().__init__(handler, **kw)
+        self._connections = connections  # shared one-element counter
+        self._limit = limit
+        self._over_limit = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._connections[0] += 1
+        if self._connections[0] > self._limit:
+            self._over_limit = True
+            assert isinstance(transport, asyncio.WriteTransport)
+            transport.write(f"{REPLY_TOO_MANY_CONNECTIONS}\r\n".encode())
+            transport.close()
+            return
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._connections[0] -= 1
+        if not self._over_limit:
+            super().connection_lost(exc)
+
+    async def push(self, status: Any) -> None:
+        # aiosmtpd words its size refusals itself; SPEC wants 552 5.3.4.
+        if isinstance(status, str) and status.startswith("552 Error"):
+            status = REPLY_TOO_BIG.format(self.data_size_limit)
+        await super().push(status)
+
+
+def _address_allowed(address: str, account: AccountConfig) -> bool:
+    address = address.lower()
+    domain = address.rpartition("@")[2]
+    return address in account.sender_addresses or domain in account.sender_domains
+
+
+def _ip_allowed(peer: Any, account: AccountConfig) -> bool:
+    if account.allowed_ips is None:
+        return True
+    try:
+        ip = ipaddress.ip_address(peer[0] if isinstance(peer, tuple) else peer)
+    except (ValueError, TypeError, IndexError):
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in account.allowed_ips)
+
+
+class IntakeHandler:
+    """aiosmtpd handler hooks: MAIL and RCPT refuse early, DATA does the work."""
+
+    def __init__(
+        self,
+        config: Config,
+        rules: Mapping[str, AccountRules],
+        store: Store,
+        clock: Clock,
+        on_stored: Callable[[], None],
+    ) -> None:
+        self.config = config
+        self.rules = rules  # keyid -> rules
+        self.store = store
+        self.clock = clock
+        self.on_stored = on_stored  # wakes the dispatcher and the mailer
+        self.recipients = frozenset(config.smtp.recipients)
+        self._sender_domains = {d for a in config.accounts for d in a.sender_domains}
+        self._sender_addresses = {x for a in config.accounts for x in a.sender_addresses}
+
+    # -- envelope --------------------------------------------------------
+
+    async def handle_MAIL(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        low = address.lower()
+        if low not in self._sender_addresses and low.rpartition("@")[2] not in self._sender_domains:
+            log.info("refused MAIL FROM <%s> from %s: no account allows it", address, session.peer)
+            return REPLY_SENDER_UNKNOWN.format(address)
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 Ok"
+
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        if address.lower() not in self.recipients:
+            log.info("refused RCPT TO <%s> from %s", address, session.peer)
+            return REPLY_UNKNOWN_RECIPIENT.format(address)
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
+    # -- the message -----------------------------------------------------
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        raw = envelope.original_content or b""
+        mail_from = envelope.mail_from or ""
+        peer = session.peer
+        client_ip = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+        try:
+            examined = await asyncio.to_thread(self.examine, raw, mail_from, peer, client_ip)
+        except Refused as refusal:
+            log.info("refused mail from <%s> at %s: %s", mail_from, client_ip, refusal.reply)
+            return refusal.reply
+        if examined is None:
+            log.info("ignored automatic reply from <%s> at %s", mail_from, client_ip)
+            return REPLY_AUTO_IGNORED
+        try:
+            admission = await self.store.add_request(examined.request)
+        except StoreUnavailable as err:
+            log.error("store unavailable, answered 451 to <%s>: %s", mail_from, err)
+            return REPLY_STORE_DOWN
+        self.on_stored()
+        self._log(admission.request_id, admission.ack_code, examined, mail_from, client_ip)
+        return REPLY_OK.format(admission.request_id)
+
+    def _log(
+        self, request_id: int, ack: int, ex: Examined, mail_from: str, client_ip: str
+    ) -> None:
+        req = ex.request
+        to_send = sum(1 for r in req.recipients if r.code is None)
+        log.info(
+            "request %d: account %s emailId %s from <%s> at %s: ack %d, %d recipient(s),"
+            " %d to send%s%s",
+            request_id, ex.account.label, req.email_id or "?", mail_from, client_ip, ack,
+            len(req.recipients) if ack == 0 else 0, to_send if ack == 0 else 0,
+            "".join(f"; {n}" for n in ex.checked.notes),
+            "" if req.due_at <= req.received_at else f"; held until {ex.checked.due_at}",
+        )  # fmt: skip
+
+    def examine(self, raw: bytes, mail_from: str, peer: Any, client_ip: str) -> Examined | None:
+        """Parse and check one email (runs on a worker thread; pure but for the clock).
+
+        Returns None for an automatic reply to ignore; raises Refused for a
+        refusal in the dialogue.
+        """
+        content = read_mail(raw)
+        if content.auto_submitted not in NORMAL_AUTO_SUBMITTED:
+            return None
+        envoi, format_problem = self._read_envoi(content)
+        keyid = envoi.get("keyid") if envoi is not None else None
+        if not keyid or not keyid.strip():
+            raise Refused(REPLY_NO_KEYID)
+        rules = self._rules_for(keyid.strip())
+        if rules is None:
+            raise Refused(REPLY_UNKNOWN_KEYID)
+        account = rules.account
+        if not _address_allowed(mail_from, account):
+            raise Refused(REPLY_SENDER.format(mail_from))
+        if not content.from_addresses:
+            raise Refused(REPLY_NO_FROM)
+        for address in content.from_addresses:
+            if not _address_allowed(address, account):
+                raise Refused(REPLY_SENDER.format(address))
+        if not _ip_allowed(peer, account):
+            raise Refused(REPLY_IP.format(client_ip))
+        assert envoi is not None
+        now = self.clock.now()
+        if format_problem is not None:
+            checked = CheckedRequest(Ack.INVALID_FORMAT, notes=[format_problem])
+        else:
+            checked = check_request(envoi, content.attachments, rules, now)
+        ack_to = self._report_address(envoi.get("emailack"), account, "emailAck")
+        if checked.ack_code != Ack.PROCESSED and ack_to is None:
+            why = "; ".join(checked.notes) or f"Ack {checked.ack_code}"
+            raise Refused(REPLY_INVALID_NO_ACK.format(why))
+        email_id = (envoi.get("emailid") or "").strip() or None
+        received = now.timestamp()
+        request = NewRequest(
+            account=account.keyid,
+            email_id=email_id,
+            ack_code=checked.ack_code,
+            ack_to=ack_to,
+            not_to=self._report_address(envoi.get("emailnot"), account, "emailNot"),
+            numbered=checked.numbered,
+            sender=checked.sender,
+            reference=checked.reference,
+            received_at=received,
+            due_at=checked.due_at.timestamp() if checked.due_at else received,
+            mail_from=mail_from,
+            client_ip=client_ip,
+            message_id=content.message_id,
+            recipients=checked.recipients,
+        )
+        return Examined(request, account, checked)
+
+    def _rules_for(self, keyid: str) -> AccountRules | None:
+        account = find_account(self.config, keyid)
+        return None if account is None else self.rules[account.keyid]
+
+    @staticmethod
+    def _read_envoi(content: MailContent) -> tuple[Envoi | None, str | None]:
+        """The request fields, and why the email is invalid (Ack 3) if it is."""
+        if content.text is not None:
+            text, problem = content.text, None
+        elif content.html_text is not None:
+            text, problem = content.html_text, "HTML-only body"
+        else:
+            return None, "no text body"
+        try:
+            envoi = parse_envoi(text)
+        except EnvoiFormatError as err:
+            return None, str(err)
+        if envoi.has_declarations:
+            problem = "DOCTYPE or ENTITY declaration in the body"
+        return envoi, problem
+
+    def _report_address(self, value: str | None, account: AccountConfig, tag: str) -> str | None:
+        """A report address the account's rules allow, else None (logged)."""
+        if value is None or not value.strip():
+            return None
+        _, address = parseaddr(value.strip())
+        local, at, domain = address.rpartition("@")
+        if not at or not local or not domain or any(c.isspace() for c in address):
+            log.warning("account %s: <%s> %r is not an address; no report", account.label, tag, value)
+            return None
+        if address.lower() in self.recipients:
+            log.warning("account %s: <%s> is our own intake address; no report", account.label, tag)
+            return None
+        if account.report_domains is not None and domain.lower() not in account.report_domains:
+            log.warning(
+                "account %s: <%s> %s is outside report_domains; no report",
+                account.label, tag, address,
+            )  # fmt: skip
+            return None
+        return address

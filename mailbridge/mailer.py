@@ -1,0 +1,221 @@
+"""Deliver report mails: into a Maildir, or through an SMTP relay.
+
+Input: pending report rows in the store. Output: each report delivered, then
+marked sent. Failure: a delivery that fails stays pending and is retried with
+doubling backoff; a report is never dropped.
+
+Exactly once into a Maildir: the file name is derived from the report row, so
+a retry after a crash between the rename and the `sent` mark finds the file
+and does not deliver it again. Through a relay: at least once (SMTP has no
+way to ask whether a message arrived); a duplicate carries the same
+Message-ID, and happens only if the daemon dies between the relay's 250 and
+the store commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import socket
+from pathlib import Path
+from typing import Protocol
+
+import aiosmtplib
+
+from mailbridge.clock import Clock, nap
+from mailbridge.config import RelayConfig, ReportsConfig
+from mailbridge.model import ReportJob
+from mailbridge.report import ReportRenderer, compose_mail
+from mailbridge.store import Store, StoreUnavailable
+
+log = logging.getLogger(__name__)
+CLAIM_BATCH = 50
+LEASE_S = 300.0
+
+
+class ReportSink(Protocol):
+    async def deliver(self, job: ReportJob, mail: bytes, envelope_from: str) -> None:
+        """Deliver one mail or raise."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class MaildirSink:
+    """Writes each report as a file in Maildir/new (tmp, fsync, rename)."""
+
+    def __init__(self, root: Path, instance_id: str) -> None:
+        self.root = root
+        self.instance_id = instance_id
+        for sub in ("tmp", "new", "cur"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+
+    def file_name(self, job: ReportJob) -> str:
+        host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
+        return f"{int(job.created_at)}.M{job.id}I{self.instance_id}.{host}"
+
+    def _delivered(self, name: str) -> bool:
+        if (self.root / "new" / name).exists():
+            return True
+        # A mail reader moves read mail to cur/ with an ":2,<flags>" suffix.
+        return any(self.root.joinpath("cur").glob(f"{name}:*")) or (
+            self.root / "cur" / name
+        ).exists()
+
+    def _write(self, job: ReportJob, mail: bytes) -> None:
+        name = self.file_name(job)
+        if self._delivered(name):
+            return
+        tmp = self.root / "tmp" / name
+        with open(tmp, "wb") as f:
+            f.write(mail)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, self.root / "new" / name)
+        fd = os.open(self.root / "new", os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the rename itself must survive power loss
+        finally:
+            os.close(fd)
+
+    async def deliver(self, job: ReportJob, mail: bytes, envelope_from: str) -> None:
+        await asyncio.to_thread(self._write, job, mail)
+
+    async def aclose(self) -> None:
+        return None
+
+
+class SmtpRelaySink:
+    """Sends through an SMTP relay with aiosmtplib, reusing one connection."""
+
+    def __init__(self, relay: RelayConfig) -> None:
+        self.relay = relay
+        self._smtp: aiosmtplib.SMTP | None = None
+        self._lock = asyncio.Lock()
+
+    async def _connect(self) -> aiosmtplib.SMTP:
+        r = self.relay
+        smtp = aiosmtplib.SMTP(
+            hostname=r.host,
+            port=r.port,
+            use_tls=r.tls,
+            start_tls=r.starttls if not r.tls else False,
+            timeout=r.timeout_s,
+            username=r.username,
+            password=r.password,
+        )
+        await smtp.connect()
+        return smtp
+
+    async def deliver(self, job: ReportJob, mail: bytes, envelope_from: str) -> None:
+        async with self._lock:
+            for attempt in (1, 2):
+                if self._smtp is None or not self._smtp.is_connected:
+                    self._smtp = await self._connect()
+                try:
+                    await self._smtp.sendmail(envelope_from, [job.to_addr], mail)
+                    return
+                except aiosmtplib.SMTPServerDisconnected:
+                    # The relay closed an idle reused connection: reconnect once.
+                    self._smtp = None
+                    if attempt == 2:
+                        raise
+
+    async def aclose(self) -> None:
+        if self._smtp is not None and self._smtp.is_connected:
+            try:
+                await self._smtp.quit()
+            except aiosmtplib.SMTPException:
+                self._smtp.close()
+        self._smtp = None
+
+
+def make_sink(config: ReportsConfig, instance_id: str) -> ReportSink:
+    if config.maildir is not None:
+        return MaildirSink(config.maildir, instance_id)
+    assert config.smtp is not None  # config validation guarantees one of the two
+    return SmtpRelaySink(config.smtp)
+
+
+class Mailer:
+    """Takes due reports from the store and delivers them."""
+
+    def __init__(
+        self,
+        store: Store,
+        sink: ReportSink,
+        renderer: ReportRenderer,
+        config: ReportsConfig,
+        clock: Clock,
+    ) -> None:
+        self.store = store
+        self.sink = sink
+        self.renderer = renderer
+        self.config = config
+        self.clock = clock
+
+    def _backoff(self, attempts: int) -> float:
+        base = self.config.retry_backoff_s * (2 ** min(attempts, 20))
+        return min(base, self.config.retry_max_backoff_s) * random.uniform(0.8, 1.2)
+
+    async def deliver(self, job: ReportJob) -> bool:
+        """Deliver one report; True when sent, False when it stays pending."""
+        data = await self.store.report_data(job.request_id)
+        body = self.renderer.body(job.kind, data)
+        mail = compose_mail(
+            job,
+            data,
+            body,
+            from_address=self.config.from_address,
+            instance_id=self.store.instance_id,
+        )
+        try:
+            await self.sink.deliver(job, mail, self.config.envelope_from)
+        except (OSError, aiosmtplib.SMTPException, asyncio.TimeoutError) as err:
+            delay = self._backoff(job.attempts)
+            log.warning(
+                "request %d: %s report to %s not delivered (%s); retry in %.0fs",
+                job.request_id, job.kind, job.to_addr, err, delay,
+            )  # fmt: skip
+            await self.store.report_failed(job.id, self.clock.time() + delay, str(err)[:500])
+            return False
+        await self.store.report_sent(job.id, self.clock.time())
+        log.info(
+            "request %d: %s report delivered to %s", job.request_id, job.kind, job.to_addr
+        )
+        return True
+
+    async def run_once(self) -> int:
+        """Deliver every report due now; return how many were delivered."""
+        delivered = 0
+        while True:
+            jobs = await self.store.claim_reports(self.clock.time(), CLAIM_BATCH, LEASE_S)
+            if not jobs:
+                return delivered
+            for job in jobs:
+                if await self.deliver(job):
+                    delivered += 1
+
+    async def run(self, wake: asyncio.Event, stopping: asyncio.Event) -> None:
+        """Deliver reports until `stopping` is set; `wake` says new ones may be due."""
+        while not stopping.is_set():
+            wake.clear()
+            try:
+                await self.run_once()
+            except StoreUnavailable as err:
+                log.error("reports: store unavailable: %s", err)
+            except Exception:
+                log.exception("reports: unexpected error; retrying")
+            await nap(wake, stopping, await self._idle_time())
+
+    async def _idle_time(self) -> float:
+        try:
+            due = await self.store.next_due()
+        except StoreUnavailable:
+            return 5.0
+        if due is None:
+            return 60.0
+        return max(0.05, min(60.0, due - self.clock.time()))
+
