@@ -169,7 +169,6 @@ def check_request(
     envoi: Envoi, attachments: dict[str, bytes], rules: AccountRules, now: datetime
 ) -> CheckedRequest:
     """Check one email's request; see the module docstring for the codes."""
-    account = rules.account
     email_id = envoi.get("emailid")
     if email_id is None or not email_id.strip():
         return CheckedRequest(Ack.MISSING_EMAIL_ID, notes=["no emailId"])

@@ -144,9 +144,10 @@ def cmd_send(args: argparse.Namespace) -> int:
     try:
         with smtplib.SMTP(host, port, timeout=60) as smtp:
             refused = smtp.send_message(msg)
-            code, text = smtp.noop()
     except smtplib.SMTPResponseException as err:
-        print(f"refused: {err.smtp_code} {err.smtp_error.decode(errors='replace')}")
+        reply = err.smtp_error
+        reply_text = reply.decode(errors="replace") if isinstance(reply, bytes) else reply
+        print(f"refused: {err.smtp_code} {reply_text}")
         return 1
     except smtplib.SMTPRecipientsRefused as err:
         for rcpt, (code, text) in err.recipients.items():

@@ -154,7 +154,81 @@ def cm_failure(error_code: object) -> ProviderFailure:
 # --- end CM.com ---
 
 # --- sMsmode (providers/smsmode.py) ---
+# sendSMS.do and sendSMSBatch.do answer `code | description | smsID` once per HTTP request
+# (seeds/002 §3, §17): the code is the verdict for every recipient of that request. The API
+# has no per-recipient verdict at submission; an invalid (status 3998) or blacklisted (3999)
+# number only shows up later, in its delivery report.
+SMSMODE_ACCEPTED = 0
+# 32 "Erreur d'authentification": the access token is refused, an operator error.
+SMSMODE_AUTH_CODES: frozenset[int] = frozenset({32})
+# 31 "Erreur interne", 50 "Temporairement inaccessible": the whole request may pass later.
+SMSMODE_TRANSIENT_CODES: frozenset[int] = frozenset({31, 50})
+SMSMODE_FAILURES: dict[int, ProviderFailure] = {
+    0: ProviderFailure.ACCEPTED,
+    33: ProviderFailure.NO_BALANCE,  # "Crédits insuffisants"
+    35: ProviderFailure.OTHER,  # "Paramètre obligatoire manquant" (or incorrect)
+}
+
+
+def smsmode_failure(code: int) -> ProviderFailure:
+    """Classify a final sMsmode answer code; codes the document does not list are OTHER."""
+    return SMSMODE_FAILURES.get(code, ProviderFailure.OTHER)
+
+
 # --- end sMsmode ---
 
 # --- Kcell SMSGW2 (providers/kcell.py) ---
+# SMSGW2's error directory ("Справочник кодов ошибок", seeds/003). The codes come
+# in delivery reports (`error_code`, a string, "" when none) and may come in
+# error answers; codes absent here are OTHER. 23 (duplicate client_message_id)
+# means an earlier submission of the very same message was accepted: ACCEPTED.
+KCELL_DUPLICATE = 23
+KCELL_ERRORS: dict[int, ProviderFailure] = {
+    0: ProviderFailure.ACCEPTED,
+    10: ProviderFailure.SENDER_REFUSED,  # Invalid sender / source address
+    11: ProviderFailure.INVALID_NUMBER,  # Invalid recipient (format should be 7xxxYYYzzzz)
+    16: ProviderFailure.INVALID_NUMBER,  # MSC record not found in HLR for this subscriber
+    20: ProviderFailure.THROTTLED,  # Message queue full
+    KCELL_DUPLICATE: ProviderFailure.ACCEPTED,
+    24: ProviderFailure.SENDER_REFUSED,  # Timebound not allowed for given sender
+    30: ProviderFailure.BLACKLISTED,  # banned from receiving SMS (complaint, corporate rule)
+    34: ProviderFailure.BLACKLISTED,  # in provider's black list / no routing (MNP)
+    35: ProviderFailure.SENDER_REFUSED,  # no MNP support set up for this sender
+    36: ProviderFailure.SENDER_REFUSED,  # no context support for this sender
+    72: ProviderFailure.SENDER_REFUSED,  # Invalid Source address TON
+    73: ProviderFailure.SENDER_REFUSED,  # Invalid Source address NPI
+    80: ProviderFailure.INVALID_NUMBER,  # Invalid Destination address TON
+    81: ProviderFailure.INVALID_NUMBER,  # Invalid Destination address NPI
+    88: ProviderFailure.THROTTLED,  # Throttling error
+}
+# Error answers of the REST API carry only `error_message` in the seed's sample
+# ("User can't use alias SMSGW to send messages"): words of the directory's
+# texts, tried in order (black list before "recipient", duplicate first).
+_KCELL_TEXTS: tuple[tuple[str, ProviderFailure], ...] = (
+    ("duplicate client_message_id", ProviderFailure.ACCEPTED),
+    ("black list", ProviderFailure.BLACKLISTED),
+    ("blacklist", ProviderFailure.BLACKLISTED),
+    ("banned", ProviderFailure.BLACKLISTED),
+    ("throttl", ProviderFailure.THROTTLED),
+    ("queue full", ProviderFailure.THROTTLED),
+    ("alias", ProviderFailure.SENDER_REFUSED),
+    ("sender", ProviderFailure.SENDER_REFUSED),
+    ("source address", ProviderFailure.SENDER_REFUSED),
+    ("recipient", ProviderFailure.INVALID_NUMBER),
+    ("destination address", ProviderFailure.INVALID_NUMBER),
+)
+
+
+def kcell_failure(error_code: object, error_message: str) -> ProviderFailure:
+    """Classify a Kcell error: its numeric `error_code` when known, else its text."""
+    text = str(error_code).strip() if error_code is not None else ""
+    if text.isdigit() and int(text) in KCELL_ERRORS:
+        return KCELL_ERRORS[int(text)]
+    lowered = error_message.lower()
+    for words, kind in _KCELL_TEXTS:
+        if words in lowered:
+            return kind
+    return ProviderFailure.OTHER
+
+
 # --- end Kcell SMSGW2 ---

@@ -236,9 +236,7 @@ class AccountConfig(_Model):
     @classmethod
     def _default_sender(cls, v: str | None) -> str | None:
         if v is not None and not (SENDER_ID_RE.match(v) or NUMERIC_SENDER_RE.match(v)):
-            raise ValueError(
-                "must be 4-11 letters and digits (not only digits), or a phone number"
-            )
+            raise ValueError("must be 4-11 letters and digits (not only digits), or a phone number")
         return v
 
     @field_validator("senders")
@@ -270,13 +268,12 @@ class AccountConfig(_Model):
         if v is not None:
             import holidays
 
-            if v not in holidays.France.subdivisions and v not in getattr(
-                holidays.France, "subdivisions_aliases", {}
-            ):
+            try:
+                holidays.country_holidays("FR", subdiv=v)
+            except NotImplementedError:
                 raise ValueError(
-                    f"{v!r} is not a French subdivision of the holidays package "
-                    f"(e.g. '57', '6AE')"
-                )
+                    f"{v!r} is not a French subdivision of the holidays package (e.g. '57', '6AE')"
+                ) from None
         return v
 
     @model_validator(mode="after")
@@ -344,7 +341,9 @@ def parse_hostport(value: str) -> tuple[str, int]:
 
 def _expand_env(node: Any, path: str, problems: list[str]) -> Any:
     if isinstance(node, dict):
-        return {k: _expand_env(v, f"{path}.{k}" if path else str(k), problems) for k, v in node.items()}
+        return {
+            k: _expand_env(v, f"{path}.{k}" if path else str(k), problems) for k, v in node.items()
+        }
     if isinstance(node, list):
         return [_expand_env(v, f"{path}[{i}]", problems) for i, v in enumerate(node)]
     if isinstance(node, str):

@@ -40,7 +40,7 @@ PAGE = 5000  # recipients loaded at once from a large request
 
 def backoff(base_s: float, attempt: int) -> float:
     """Delay before attempt `attempt + 1`: base doubling per attempt, ±20% jitter."""
-    return base_s * (2 ** max(0, attempt - 1)) * random.uniform(0.8, 1.2)
+    return float(base_s * (2 ** max(0, attempt - 1)) * random.uniform(0.8, 1.2))
 
 
 class Dispatcher:
@@ -75,9 +75,7 @@ class Dispatcher:
             while not stopping.is_set():
                 await slots.acquire()
                 try:
-                    claimed = await self.store.claim_request(
-                        self.clock.time(), self.config.lease_s
-                    )
+                    claimed = await self.store.claim_request(self.clock.time(), self.config.lease_s)
                 except StoreUnavailable as err:
                     log.error("dispatch: store unavailable: %s", err)
                     claimed = None
@@ -86,7 +84,12 @@ class Dispatcher:
                     break
                 task = asyncio.create_task(self.process(claimed))
                 tasks.add(task)
-                task.add_done_callback(lambda t: (tasks.discard(t), slots.release()))
+
+                def finished(task: asyncio.Task[None]) -> None:
+                    tasks.discard(task)
+                    slots.release()
+
+                task.add_done_callback(finished)
             await nap(wake, stopping, await self._idle_time())
         if tasks:
             log.info("dispatch: stopping, waiting for %d request(s) in flight", len(tasks))
@@ -223,7 +226,14 @@ class Dispatcher:
                 detail = f"credentials refused: {err}"
                 results += [
                     RecipientResult(
-                        r.idx, None, name, None, detail, hold, r.provider_index, r.attempts,
+                        r.idx,
+                        None,
+                        name,
+                        None,
+                        detail,
+                        hold,
+                        r.provider_index,
+                        r.attempts,
                         refund_parts=r.parts,
                     )  # fmt: skip
                     for r in chunk
@@ -235,7 +245,9 @@ class Dispatcher:
                     outcome = by_key.get(msg.key) or Outcome(
                         msg.key, Code.ERROR, detail="no answer for this message", retry=True
                     )
-                    results.append(self._decide(claimed, name, rcpt, routes[rcpt.idx], outcome, now))
+                    results.append(
+                        self._decide(claimed, name, rcpt, routes[rcpt.idx], outcome, now)
+                    )
         await self.store.record_results(claimed.id, account.keyid, results, self.clock.time())
         sent = sum(1 for r in results if r.code == 0)
         log.info(

@@ -193,9 +193,7 @@ class IntakeHandler:
         self._log(admission.request_id, admission.ack_code, examined, mail_from, client_ip)
         return REPLY_OK.format(admission.request_id)
 
-    def _log(
-        self, request_id: int, ack: int, ex: Examined, mail_from: str, client_ip: str
-    ) -> None:
+    def _log(self, request_id: int, ack: int, ex: Examined, mail_from: str, client_ip: str) -> None:
         req = ex.request
         to_send = sum(1 for r in req.recipients if r.code is None)
         log.info(
@@ -291,7 +289,9 @@ class IntakeHandler:
         _, address = parseaddr(value.strip())
         local, at, domain = address.rpartition("@")
         if not at or not local or not domain or any(c.isspace() for c in address):
-            log.warning("account %s: <%s> %r is not an address; no report", account.label, tag, value)
+            log.warning(
+                "account %s: <%s> %r is not an address; no report", account.label, tag, value
+            )
             return None
         if address.lower() in self.recipients:
             log.warning("account %s: <%s> is our own intake address; no report", account.label, tag)

@@ -60,9 +60,9 @@ class MaildirSink:
         if (self.root / "new" / name).exists():
             return True
         # A mail reader moves read mail to cur/ with an ":2,<flags>" suffix.
-        return any(self.root.joinpath("cur").glob(f"{name}:*")) or (
-            self.root / "cur" / name
-        ).exists()
+        return (
+            any(self.root.joinpath("cur").glob(f"{name}:*")) or (self.root / "cur" / name).exists()
+        )
 
     def _write(self, job: ReportJob, mail: bytes) -> None:
         name = self.file_name(job)
@@ -158,7 +158,7 @@ class Mailer:
 
     def _backoff(self, attempts: int) -> float:
         base = self.config.retry_backoff_s * (2 ** min(attempts, 20))
-        return min(base, self.config.retry_max_backoff_s) * random.uniform(0.8, 1.2)
+        return float(min(base, self.config.retry_max_backoff_s) * random.uniform(0.8, 1.2))
 
     async def deliver(self, job: ReportJob) -> bool:
         """Deliver one report; True when sent, False when it stays pending."""
@@ -173,7 +173,7 @@ class Mailer:
         )
         try:
             await self.sink.deliver(job, mail, self.config.envelope_from)
-        except (OSError, aiosmtplib.SMTPException, asyncio.TimeoutError) as err:
+        except (TimeoutError, OSError, aiosmtplib.SMTPException) as err:
             delay = self._backoff(job.attempts)
             log.warning(
                 "request %d: %s report to %s not delivered (%s); retry in %.0fs",
@@ -182,9 +182,7 @@ class Mailer:
             await self.store.report_failed(job.id, self.clock.time() + delay, str(err)[:500])
             return False
         await self.store.report_sent(job.id, self.clock.time())
-        log.info(
-            "request %d: %s report delivered to %s", job.request_id, job.kind, job.to_addr
-        )
+        log.info("request %d: %s report delivered to %s", job.request_id, job.kind, job.to_addr)
         return True
 
     async def run_once(self) -> int:
@@ -218,4 +216,3 @@ class Mailer:
         if due is None:
             return 60.0
         return max(0.05, min(60.0, due - self.clock.time()))
-

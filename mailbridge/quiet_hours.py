@@ -22,7 +22,7 @@ class QuietHours:
 
     def __init__(self, subdivision: str | None = None) -> None:
         # Years are added on demand by the holidays package (expand=True).
-        self._holidays = holidays.France(subdiv=subdivision, expand=True)
+        self._holidays = holidays.country_holidays("FR", subdiv=subdivision, expand=True)
 
     def _day_allowed(self, day: date) -> bool:
         return day.weekday() != 6 and day not in self._holidays

@@ -16,7 +16,6 @@ import asyncio
 import json
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import httpx
 

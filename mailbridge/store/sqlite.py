@@ -218,7 +218,9 @@ class SqliteStore:
         return Admission(request_id, ack)
 
     @staticmethod
-    def _add_report(db: sqlite3.Connection, request_id: int, kind: str, to: str, now: float) -> None:
+    def _add_report(
+        db: sqlite3.Connection, request_id: int, kind: str, to: str, now: float
+    ) -> None:
         db.execute(
             "INSERT INTO reports (request_id, kind, to_addr, state, created_at, due_at)"
             " VALUES (?,?,?,'pending',?,?)",
@@ -345,9 +347,7 @@ class SqliteStore:
     async def record_results(
         self, request_id: int, account: str, results: Sequence[RecipientResult], now: float
     ) -> None:
-        await self._run(
-            self._tx, lambda db: self._record(db, request_id, account, results, now)
-        )
+        await self._run(self._tx, lambda db: self._record(db, request_id, account, results, now))
 
     async def release_request(
         self, request_id: int, due_at: float | None, error: str | None, count_attempt: bool

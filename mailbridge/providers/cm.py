@@ -1,0 +1,293 @@
+"""CM.com Business Messaging adapter (JSON gateway, `POST .../v1.0/message`).
+
+Input: a batch of `SmsMessage`. Output: one `Outcome` per message, matched by key.
+
+Wire format (seeds/000 and developers.cm.com): one JSON body
+`{"messages": {"authentication": {"producttoken": ...}, "msg": [...]}}`; each `msg` carries
+`from` (left out when the message has no sender: CM then rejects it with 301, mapped to 33),
+`to: [{"number": "0033..."}]`, `body.content`, `dcs` (0 = GSM-7, 8 = UCS-2; explicit, no
+`type: auto`, so CM encodes exactly as we counted the parts), `reference` (the tracker,
+reduced to CM's 1-32 characters `[A-Za-z0-9_]`), `minimumNumberOfMessageParts: 1`,
+`maximumNumberOfMessageParts` (the part limit) and `allowedChannels: ["SMS"]` (never another
+channel the account may have).
+
+Limits relied on: at most 1000 `msg` per request (seed) and 1000 `to` per `msg` (CM's own
+SDKs). Messages sharing sender, text, encoding, reference and part limit share one `msg`, so
+500 numbers with one text is one request, 500 personal texts one request of 500 `msg`, 1001
+distinct texts two requests. A number occurs at most once per request, because CM's answer
+identifies recipients only by number: a batch naming one number twice costs one more request.
+
+Failures: CM answers per recipient (`messages[].status` Accepted/Rejected, `messageErrorCode`,
+`messageDetails`), classified through `codes.cm_failure`; CM returns no message id (status
+reports carry REFERENCE + GSM), so `provider_message_id` stays None. A whole-request refusal
+applies to every message of that request (400 "Insufficient balance" / 102 -> code 12);
+101/103 raise `ProviderAuthError` on the first request, later ones turn the rest of the batch
+into retry outcomes. Timeouts, transport errors, HTTP 5xx and 429 make every message of that
+request and of the requests not yet sent `retry=True` (code 29 for 429, else 999); the
+remaining requests are not attempted, so a dead gateway costs one timeout per batch.
+CM has no idempotency field: an `in_doubt` message is simply sent again, so a duplicate SMS
+is possible when the earlier attempt did reach CM.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from mailbridge.codes import CM_AUTH_ERROR_CODES, Code, cm_failure, provider_code
+from mailbridge.config import CmProviderConfig
+from mailbridge.providers import (
+    Outcome,
+    ProviderAuthError,
+    SmsMessage,
+    TemporaryProviderError,
+)
+
+MAX_MSG_PER_REQUEST = 1000
+MAX_TO_PER_MSG = 1000
+_REFERENCE_MAX = 32
+_REFERENCE_BAD = re.compile(r"[^A-Za-z0-9_]")  # CM: alphanumeric; its own examples use "_"
+_CONFIG_STATUSES = (401, 403, 404, 405)
+_HEADERS = {"Content-Type": "application/json; charset=utf-8", "Accept": "application/json"}
+
+_GroupKey = tuple[str | None, str, str, str | None, int]
+
+
+def cm_number(e164: str) -> str:
+    """`+33601020304` -> `0033601020304`, CM's international form."""
+    return "00" + e164[1:] if e164.startswith("+") else e164
+
+
+def cm_reference(tracker: str | None) -> str | None:
+    """The tracker as a CM reference (1-32 of `[A-Za-z0-9_]`), None when nothing is left."""
+    if tracker is None:
+        return None
+    return _REFERENCE_BAD.sub("_", tracker.strip())[:_REFERENCE_MAX] or None
+
+
+def _match_key(number: str) -> str:
+    # CM echoes `to` as sent; also tolerate "+33..." or "33..." so matching never depends on it.
+    return number.strip().lstrip("+").lstrip("0")
+
+
+def _int(value: Any) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return None
+
+
+def _lower(obj: Any) -> dict[str, Any]:
+    # CM's JSON keys are case-insensitive; read answers the same way.
+    return {str(k).lower(): v for k, v in obj.items()} if isinstance(obj, dict) else {}
+
+
+@dataclass
+class _Msg:
+    head: dict[str, Any]  # the `msg` object without `to`
+    items: list[SmsMessage] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"from": self.head["from"]} if "from" in self.head else {}
+        out["to"] = [{"number": cm_number(m.to)} for m in self.items]
+        out.update((k, v) for k, v in self.head.items() if k != "from")
+        return out
+
+
+@dataclass
+class _Request:
+    msgs: list[_Msg] = field(default_factory=list)
+    open: dict[_GroupKey, _Msg] = field(default_factory=dict)  # last msg of each group
+    numbers: dict[str, SmsMessage] = field(default_factory=dict)  # match key -> message
+
+
+class _Transient(Exception):
+    def __init__(self, code: int, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+
+
+def _head(m: SmsMessage) -> dict[str, Any]:
+    head: dict[str, Any] = {}
+    if m.sender is not None:
+        head["from"] = m.sender
+    head["body"] = {"content": m.text}
+    head["dcs"] = 8 if m.encoding == "ucs2" else 0
+    reference = cm_reference(m.reference)
+    if reference is not None:
+        head["reference"] = reference
+    head["minimumNumberOfMessageParts"] = 1
+    # Never below the text's own count, so CM cannot cut a text we already cut to fit.
+    head["maximumNumberOfMessageParts"] = max(m.max_parts, m.parts, 1)
+    head["allowedChannels"] = ["SMS"]
+    return head
+
+
+def plan(batch: Sequence[SmsMessage]) -> list[_Request]:
+    """Split a batch into the fewest requests CM allows (first fit, batch order kept)."""
+    requests: list[_Request] = []
+    for m in batch:
+        key: _GroupKey = (m.sender, m.text, m.encoding, cm_reference(m.reference), m.max_parts)
+        number = _match_key(m.to)
+        target: tuple[_Request, _Msg | None] | None = None
+        for req in requests:
+            if number in req.numbers:
+                continue
+            msg = req.open.get(key)
+            if msg is not None and len(msg.items) < MAX_TO_PER_MSG:
+                target = (req, msg)
+                break
+            if len(req.msgs) < MAX_MSG_PER_REQUEST:
+                target = (req, None)
+                break
+        if target is None:
+            requests.append(_Request())
+            target = (requests[-1], None)
+        req, msg = target
+        if msg is None:
+            msg = _Msg(_head(m))
+            req.msgs.append(msg)
+            req.open[key] = msg
+        msg.items.append(m)
+        req.numbers[number] = m
+    return requests
+
+
+class CmProvider:
+    """CM.com JSON gateway; see the module docstring for the wire format and limits."""
+
+    # Two full requests of personal texts, or many numbers sharing a text in one request.
+    max_batch = 2 * MAX_MSG_PER_REQUEST
+
+    def __init__(self, name: str, config: CmProviderConfig, http: httpx.AsyncClient) -> None:
+        self.name = name
+        self._config = config
+        self._http = http  # shared and owned by the caller: never closed here
+
+    async def send(self, batch: Sequence[SmsMessage]) -> list[Outcome]:
+        """Submit the batch; one Outcome per message (see the module docstring)."""
+        requests = plan(batch)
+        outcomes: list[Outcome] = []
+        code: int
+        for i, req in enumerate(requests):
+            try:
+                outcomes.extend(await self._submit(req))
+                continue
+            except ProviderAuthError as exc:
+                if i == 0:
+                    raise  # nothing of this batch was sent: the dispatcher keeps it pending
+                code, first, rest = Code.ERROR, f"authentication rejected: {exc}", ""
+            except _Transient as exc:
+                code, first = exc.code, str(exc)
+                rest = f"not sent: an earlier request of the batch failed ({exc})"
+            outcomes.extend(Outcome(m.key, code, detail=first, retry=True) for m in _all(req))
+            for later in requests[i + 1 :]:
+                outcomes.extend(
+                    Outcome(m.key, code, detail=rest or first, retry=True) for m in _all(later)
+                )
+            break
+        return outcomes
+
+    async def check(self) -> str:
+        """Probe with an empty `msg` list (sends nothing): reachability and token refusal."""
+        try:
+            status, data, text = await self._post([])
+        except _Transient as exc:
+            raise TemporaryProviderError(str(exc), throttled=exc.code == Code.OVERFLOW) from exc
+        details = data.get("details") or text[:200]
+        return (
+            f"CM gateway reachable, product token not refused (empty probe: HTTP {status}, "
+            f"{details!r}); CM has no call proving the token without sending an SMS"
+        )
+
+    async def aclose(self) -> None:
+        """Nothing to release: the HTTP client belongs to the caller."""
+
+    async def _post(self, msgs: list[dict[str, Any]]) -> tuple[int, dict[str, Any], str]:
+        payload = {
+            "messages": {
+                "authentication": {"producttoken": self._config.product_token},
+                "msg": msgs,
+            }
+        }
+        body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        timeout = self._config.timeout_s
+        try:
+            resp = await self._http.post(
+                self._config.url, content=body, headers=_HEADERS, timeout=timeout
+            )
+        except httpx.TimeoutException as exc:
+            raise _Transient(Code.ERROR, f"CM timed out after {timeout:g}s ({exc!r})") from exc
+        except httpx.HTTPError as exc:
+            raise _Transient(Code.ERROR, f"CM unreachable ({exc!r})") from exc
+        text = resp.text
+        if resp.status_code == 429:
+            raise _Transient(Code.OVERFLOW, f"CM throttled the request (HTTP 429) {text[:200]}")
+        if resp.status_code >= 500:
+            raise _Transient(Code.ERROR, f"CM server error HTTP {resp.status_code} {text[:200]}")
+        try:
+            data = _lower(resp.json())
+        except ValueError:
+            data = {}
+        code = _int(data.get("errorcode"))
+        # 401/403/404/405: wrong token or wrong `url` (CM answers 405 to anything but its
+        # POST), an operator error like a refused token.
+        if code in CM_AUTH_ERROR_CODES or resp.status_code in _CONFIG_STATUSES:
+            raise ProviderAuthError(
+                f"CM refused provider {self.name!r} (url {self._config.url}): "
+                f"{data.get('details') or text[:200]!r} (HTTP {resp.status_code}, errorCode {code})"
+            )
+        return resp.status_code, data, text
+
+    async def _submit(self, req: _Request) -> list[Outcome]:
+        status, data, text = await self._post([msg.to_json() for msg in req.msgs])
+        error_code, details = _int(data.get("errorcode")), data.get("details")
+        raw_entries = data.get("messages")
+        entries: list[Any] = raw_entries if isinstance(raw_entries, list) else []
+        if not data or (not entries and status >= 300):
+            # The whole request was refused (e.g. 102 insufficient balance) or is unreadable:
+            # no retry, an unreadable 2xx may have been sent.
+            kind = cm_failure(error_code)
+            what = details or text[:200] or "empty answer"
+            detail = f"CM answered HTTP {status}: {what} (errorCode {error_code})"
+            return [Outcome(m.key, provider_code(kind), detail=detail) for m in _all(req)]
+        results: dict[str, Outcome] = {}
+        for raw in entries:
+            entry = _lower(raw)
+            m = req.numbers.get(_match_key(str(entry.get("to") or "")))
+            if m is None or m.key in results:
+                continue
+            if str(entry.get("status", "")).lower() == "accepted":
+                parts = entry.get("parts")
+                results[m.key] = Outcome(m.key, Code.SENT, detail=f"accepted, {parts} part(s)")
+            else:
+                err = entry.get("messageerrorcode")
+                words = entry.get("messagedetails") or entry.get("status") or "rejected"
+                detail = f"{words} (messageErrorCode {err})"
+                results[m.key] = Outcome(m.key, provider_code(cm_failure(err)), detail=detail)
+        for m in _all(req):
+            if m.key in results:
+                continue
+            if error_code == 0 and status < 300:
+                # errorCode 0 means every msg of the request is Ok.
+                results[m.key] = Outcome(m.key, Code.SENT, detail="accepted (no per-number line)")
+            else:
+                # Unknown fate: not retried, so that a recipient never gets the SMS twice.
+                detail = f"no result for this number in CM's answer: {details!r}"
+                results[m.key] = Outcome(m.key, Code.ERROR, detail=detail)
+        return list(results.values())
+
+
+def _all(req: _Request) -> list[SmsMessage]:
+    return [m for msg in req.msgs for m in msg.items]
+
+
+def build(name: str, config: CmProviderConfig, http: httpx.AsyncClient) -> CmProvider:
+    """Factory used by the provider registry."""
+    return CmProvider(name, config, http)

@@ -1,0 +1,297 @@
+"""Kcell SMSGW2 REST adapter (seeds/003, API v2, JSON over HTTPS, HTTP Basic auth).
+
+Input: a batch of `SmsMessage`. One message goes to `POST {url}/messages`;
+several go to `POST {url}/batches` in chunks of at most 200 (the seed's
+"optimal" batch size, which we treat as a limit) with `"fail-fast": false`.
+Every message carries `client_message_id` = `SmsMessage.key`, `recipient` =
+the E.164 number without '+' (`77…`), `message_text`, and `sender` unless it
+is None (then omitted: the account's default alias, if the gateway has one).
+`priority`, `expire_date`, `time_bounds`, `flash`, `schedule` are left to
+SMSGW's defaults (NB: default `time_bounds` is "def", weekdays 9:00-18:00).
+
+Output: one `Outcome` per message. `201` on /messages gives the message id;
+`201` on /batches only gives a `batch_id` (no per-message ids: delivery reports
+are matched on `client_message_id`, which is our key). With fail-fast false a
+batch is accepted whole and per-message errors arrive later, in delivery
+reports. A `400` on /messages is that message's rejection, classified by
+`codes.kcell_failure`; "duplicate client_message_id" means an earlier attempt
+was accepted, so code 0. A `400` (or another 4xx but 401/403/404/405/429) on
+/batches does not say which message caused it, so that chunk is resubmitted
+one message per request (the duplicate rule keeps this safe).
+
+Idempotency: SMSGW refuses a second message with the same client_message_id
+(error 23), so every retry, `in_doubt` or not, is simply re-sent with the same
+key: no duplicate SMS as long as SMSGW remembers the key (the seed gives no
+retention period). In a fail-fast=false batch the refused duplicate is only
+reported by a delivery report with error_code 23, which must be ignored.
+
+Failures: a connect error, timeout, 5xx or 429 of a request gives `retry=True`
+outcomes (29 for 429, else 999) for its messages, and the requests not yet made
+are not made (same retry outcomes): a sick provider costs one request, not
+five. 401/403 (credentials), 404/405/3xx (wrong url) raise `ProviderAuthError`
+when nothing of the batch was answered otherwise; after that they give
+`retry=True` 999 "authentication rejected". The adapter never sleeps or
+retries by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from mailbridge.codes import Code, ProviderFailure, kcell_failure, provider_code
+from mailbridge.config import KcellProviderConfig
+from mailbridge.providers import Outcome, ProviderAuthError, SmsMessage, TemporaryProviderError
+
+log = logging.getLogger(__name__)
+
+BATCH_LIMIT = 200  # messages per POST /batches
+MAX_KEY_LENGTH = 64  # client_message_id limit (seed: "Макс. длина поля: 64 символа")
+SINGLE_CONCURRENCY = 8  # parallel POST /messages when a chunk is resubmitted one by one
+AUTH_DETAIL = "authentication rejected"
+_CONFIG_STATUSES = {404, 405}  # the url is wrong: an operator error like bad credentials
+
+
+@dataclass(frozen=True)
+class _Halt:
+    """Why a request failed as a whole, and what its messages get."""
+
+    code: int
+    detail: str  # for the outcomes
+    auth: bool = False  # credentials/configuration, not a transient failure
+    error: str = ""  # for ProviderAuthError / TemporaryProviderError; default: detail
+
+    @property
+    def message(self) -> str:
+        return self.error or self.detail
+
+
+@dataclass
+class _Run:
+    """State shared by the requests of one `send` call."""
+
+    halt: _Halt | None = None  # set by the first failed request: later ones are not made
+    answered: bool = False  # some request got an answer other than an auth refusal
+
+    def fail(self, halt: _Halt, messages: Sequence[SmsMessage]) -> list[Outcome]:
+        if self.halt is None:
+            self.halt = halt
+        if not halt.auth:
+            self.answered = True  # a timeout may have been accepted: never raise afterwards
+        return [Outcome(m.key, halt.code, detail=halt.detail, retry=True) for m in messages]
+
+    def skipped(self, messages: Sequence[SmsMessage]) -> list[Outcome]:
+        assert self.halt is not None
+        detail = f"not sent: an earlier request failed ({self.halt.detail})"
+        return [Outcome(m.key, self.halt.code, detail=detail, retry=True) for m in messages]
+
+
+class KcellProvider:
+    """Kcell SMSGW2 over its REST API v2."""
+
+    max_batch = 1000  # five /batches requests at most per send call
+
+    def __init__(self, name: str, config: KcellProviderConfig, http: httpx.AsyncClient) -> None:
+        self.name = name
+        self._config = config
+        self._http = http
+        self._url = config.url.rstrip("/")
+        token = base64.b64encode(f"{config.username}:{config.password}".encode()).decode("ascii")
+        self._headers = {
+            "Authorization": f"Basic {token}",
+            "Accept": "application/json, text/plain, */*",
+        }
+
+    async def send(self, batch: Sequence[SmsMessage]) -> list[Outcome]:
+        """Submit the batch in the fewest requests; one Outcome per message."""
+        outcomes: list[Outcome] = []
+        ready: list[SmsMessage] = []
+        for m in batch:
+            if len(m.key) > MAX_KEY_LENGTH:  # SMSGW would refuse it; never truncate a key
+                log.error("%s: key %r longer than %d characters", self.name, m.key, MAX_KEY_LENGTH)
+                detail = f"internal error: key longer than {MAX_KEY_LENGTH} characters"
+                outcomes.append(Outcome(m.key, Code.ERROR, detail=detail))
+            else:
+                ready.append(m)
+        run = _Run()
+        for start in range(0, len(ready), BATCH_LIMIT):
+            chunk = ready[start : start + BATCH_LIMIT]
+            if run.halt is not None:
+                outcomes += run.skipped(chunk)
+            elif len(chunk) == 1:
+                outcomes.append(await self._single(chunk[0], run))
+            else:
+                outcomes += await self._batch(chunk, run)
+        if run.halt is not None and run.halt.auth and not run.answered:
+            raise ProviderAuthError(f"{self.name}: {run.halt.message}")
+        return outcomes
+
+    async def check(self) -> str:
+        """GET /senders with our credentials; return the senders the account may use."""
+        try:
+            resp = await self._http.get(
+                f"{self._url}/senders", headers=self._headers, timeout=self._config.timeout_s
+            )
+        except httpx.HTTPError as exc:
+            raise TemporaryProviderError(f"{self.name}: {_transport_text(exc)}") from exc
+        halt = self._halt_for(resp)
+        if halt is not None:
+            if halt.auth:
+                raise ProviderAuthError(f"{self.name}: {halt.message}")
+            throttled = halt.code == Code.OVERFLOW
+            raise TemporaryProviderError(f"{self.name}: {halt.message}", throttled=throttled)
+        if not resp.is_success:
+            raise ProviderAuthError(f"{self.name}: GET /senders answered {_status_text(resp)}")
+        return f"credentials accepted; senders: {_sender_names(resp)}"
+
+    async def aclose(self) -> None:
+        """Nothing to release: the HTTP client belongs to the caller."""
+
+    # -- requests ------------------------------------------------------------
+
+    async def _post(self, path: str, payload: object) -> httpx.Response:
+        body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        headers = {**self._headers, "Content-Type": "application/json;charset=utf-8"}
+        return await self._http.post(
+            self._url + path, content=body, headers=headers, timeout=self._config.timeout_s
+        )
+
+    async def _single(self, m: SmsMessage, run: _Run) -> Outcome:
+        if run.halt is not None:
+            return run.skipped([m])[0]
+        try:
+            resp = await self._post("/messages", _item(m))
+        except httpx.HTTPError as exc:
+            return run.fail(_Halt(Code.ERROR, _transport_text(exc)), [m])[0]
+        halt = self._halt_for(resp)
+        if halt is not None:
+            return run.fail(halt, [m])[0]
+        run.answered = True
+        if resp.is_success:
+            return Outcome(m.key, Code.SENT, provider_message_id=_field(resp, "message_id"))
+        return _rejection(m, resp)
+
+    async def _singles(self, chunk: Sequence[SmsMessage], run: _Run) -> list[Outcome]:
+        gate = asyncio.Semaphore(SINGLE_CONCURRENCY)
+
+        async def one(m: SmsMessage) -> Outcome:
+            async with gate:
+                return await self._single(m, run)
+
+        return list(await asyncio.gather(*(one(m) for m in chunk)))
+
+    async def _batch(self, chunk: Sequence[SmsMessage], run: _Run) -> list[Outcome]:
+        payload = {"messages": [_item(m) for m in chunk], "fail-fast": False}
+        try:
+            resp = await self._post("/batches", payload)
+        except httpx.HTTPError as exc:
+            return run.fail(_Halt(Code.ERROR, _transport_text(exc)), chunk)
+        halt = self._halt_for(resp)
+        if halt is not None:
+            return run.fail(halt, chunk)
+        run.answered = True
+        if resp.is_success:
+            detail = f"batch {_field(resp, 'batch_id') or '?'}"
+            return [Outcome(m.key, Code.SENT, detail=detail) for m in chunk]
+        # Nothing of a refused batch is stored; one request per message tells
+        # which one was refused, and a duplicate key still reads as accepted.
+        log.warning(
+            "%s: batch of %d refused (%s); resubmitting one by one",
+            self.name,
+            len(chunk),
+            _status_text(resp),
+        )
+        return await self._singles(chunk, run)
+
+    def _halt_for(self, resp: httpx.Response) -> _Halt | None:
+        """A whole-request failure, or None for an answer about the messages (2xx, 4xx)."""
+        status = resp.status_code
+        if status in (401, 403):
+            error = f"username/password refused ({_status_text(resp)})"
+            return _Halt(Code.ERROR, AUTH_DETAIL, auth=True, error=error)
+        if status in _CONFIG_STATUSES or 300 <= status < 400:
+            error = f"{_status_text(resp)} at {resp.request.url}: check providers.{self.name}.url"
+            return _Halt(Code.ERROR, f"configuration rejected ({error})", auth=True, error=error)
+        if status == 429:
+            return _Halt(Code.OVERFLOW, f"throttled ({_status_text(resp)})")
+        if status >= 500 or status < 200:
+            return _Halt(Code.ERROR, f"provider error ({_status_text(resp)})")
+        return None
+
+
+def build(name: str, config: KcellProviderConfig, http: httpx.AsyncClient) -> KcellProvider:
+    """The registry's factory."""
+    return KcellProvider(name, config, http)
+
+
+def _item(m: SmsMessage) -> dict[str, str]:
+    # Keys in the seed's order; SMSGW picks GSM-7 or UCS-2 itself (no encoding field).
+    item = {"client_message_id": m.key}
+    if m.sender is not None:
+        item["sender"] = m.sender
+    item["recipient"] = m.to.removeprefix("+")
+    item["message_text"] = m.text
+    return item
+
+
+def _rejection(m: SmsMessage, resp: httpx.Response) -> Outcome:
+    body = _json(resp)
+    error_code = body.get("error_code") if isinstance(body, dict) else None
+    message = body.get("error_message") if isinstance(body, dict) else None
+    text = str(message) if message else resp.text.strip()[:200]
+    kind = kcell_failure(error_code, text)
+    if kind is ProviderFailure.ACCEPTED:  # the key was accepted by an earlier attempt
+        return Outcome(m.key, Code.SENT, detail=f"accepted earlier ({text})")
+    code = provider_code(kind)
+    detail = f"HTTP {resp.status_code}: {text}"
+    return Outcome(m.key, code, detail=detail, retry=kind is ProviderFailure.THROTTLED)
+
+
+def _json(resp: httpx.Response) -> Any:
+    try:
+        return resp.json()
+    except ValueError:
+        return None
+
+
+def _field(resp: httpx.Response, name: str) -> str | None:
+    """A top-level field of a JSON answer; the seed once writes it `" batch_id"`."""
+    body = _json(resp)
+    if isinstance(body, dict):
+        for key, value in body.items():
+            if str(key).strip() == name and value is not None:
+                return str(value)
+    return None
+
+
+def _sender_names(resp: httpx.Response) -> str:
+    # The seed does not show the /senders body: accept a list of names or of
+    # objects, possibly wrapped in an object; else show the raw text.
+    body = _json(resp)
+    if isinstance(body, dict):
+        body = next((v for v in body.values() if isinstance(v, list)), body)
+    if isinstance(body, list):
+        names = []
+        for entry in body:
+            if isinstance(entry, dict):
+                entry = next((entry[k] for k in ("sender", "name", "alias") if k in entry), entry)
+            names.append(str(entry))
+        return ", ".join(names) or "(none)"
+    return resp.text.strip()[:200] or "(empty answer)"
+
+
+def _status_text(resp: httpx.Response) -> str:
+    return f"HTTP {resp.status_code} {resp.reason_phrase}".rstrip()
+
+
+def _transport_text(exc: httpx.HTTPError) -> str:
+    if isinstance(exc, httpx.TimeoutException):
+        return f"no answer in time ({type(exc).__name__}); the request may have been accepted"
+    return f"request failed: {type(exc).__name__}: {exc}"

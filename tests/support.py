@@ -1,0 +1,227 @@
+"""Test support: configs, requests, the daemon as a real subprocess, and
+reading what it produced (outbox lines, Maildir reports).
+
+`DaemonProcess` runs `python -m mailbridge serve` exactly as systemd would:
+it waits for READY=1 on a notify socket (no polling, no sleeps) and reads the
+bound SMTP port from the STATUS line, so tests use ephemeral ports.
+"""
+
+from __future__ import annotations
+
+import json
+import mailbox
+import os
+import secrets
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from mailbridge.config import Config, parse_config
+
+KEYID = "a296464ce012b8ab710a"
+INTAKE = "sendsms@bridge.test"
+SENDER = "erp@client.test"
+REPORTS_TO = "reports@client.test"
+T = TypeVar("T")
+
+
+def config_dict(tmp: Path, **account: Any) -> dict[str, Any]:
+    """A working config in `tmp`: outbox provider, Maildir reports, SQLite."""
+    acc: dict[str, Any] = {
+        "keyid": KEYID,
+        "name": "test",
+        "sender_domains": ["client.test"],
+        "provider": "outbox",
+        "default_sender": "MaSociete",
+        # Not commercial by default: the real clock must not make tests depend
+        # on the hour (quiet hours are tested with a fake clock).
+        "commercial": False,
+        "stop_number": "36111",
+    }
+    acc.update(account)
+    return {
+        "smtp": {"listen": "127.0.0.1:0", "recipients": [INTAKE], "max_message_bytes": 1_000_000},
+        "store": {"sqlite": str(tmp / "mailbridge.db")},
+        "reports": {"from": "mailbridge@bridge.test", "maildir": str(tmp / "reports")},
+        "providers": {"outbox": {"type": "outbox", "path": str(tmp / "outbox.jsonl")}},
+        "accounts": [acc],
+        "dispatch": {"workers": 2},
+    }
+
+
+def make_config(tmp: Path, **account: Any) -> Config:
+    return parse_config(config_dict(tmp, **account), base_dir=tmp)
+
+
+def envoi_body(**fields: str) -> str:
+    """An <envoi> block; keys are tag names (num1, sms, emailId…), in order."""
+    inner = "".join(f"<{k}>{v}</{k}>\n" for k, v in fields.items())
+    return f"<envoi>\n{inner}</envoi>\n"
+
+
+def request_mail(
+    body: str | None = None,
+    *,
+    sender: str = SENDER,
+    to: str = INTAKE,
+    charset: str = "utf-8",
+    **fields: str,
+) -> EmailMessage:
+    """A request email; without `body`, an <envoi> of `fields` with keyid,
+    emailId, emailAck and emailNot filled in unless given."""
+    if body is None:
+        defaults = {
+            "keyid": KEYID,
+            "emailId": secrets.token_hex(6),
+            "emailAck": REPORTS_TO,
+            "emailNot": REPORTS_TO,
+        }
+        body = envoi_body(**{**defaults, **fields})
+    msg = EmailMessage()
+    msg["From"] = sender
+    msg["To"] = to
+    msg["Subject"] = "sms"
+    msg.set_content(body, charset=charset)
+    return msg
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = 30.0, what: str = "condition") -> T:
+    """Poll `predicate` until truthy, with a bound; fail with `what` otherwise."""
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+
+
+def outbox_lines(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def maildir_reports(path: Path) -> list[EmailMessage]:
+    """Every report mail delivered into the Maildir, in delivery order."""
+    if not (path / "new").exists():
+        return []
+    box = mailbox.Maildir(path, factory=None, create=False)
+    keys = sorted(
+        box.keys(), key=lambda k: (int(k.split(".")[0]), int(k.split(".M")[1].split("I")[0]))
+    )
+    from email import message_from_bytes, policy
+
+    return [
+        message_from_bytes(box.get_bytes(k), policy=policy.default)  # type: ignore[misc]
+        for k in keys
+    ]
+
+
+def report_body(msg: EmailMessage) -> bytes:
+    payload = msg.get_payload(decode=True)
+    assert isinstance(payload, bytes)
+    return payload
+
+
+class DaemonProcess:
+    """`mailbridge serve` as a child process on an ephemeral port."""
+
+    def __init__(self, tmp: Path, config: dict[str, Any]) -> None:
+        self.tmp = tmp
+        self.config = config
+        self.config_path = tmp / "config.yaml"
+        self.config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        self.log_path = tmp / "daemon.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    @property
+    def outbox(self) -> Path:
+        return Path(self.config["providers"]["outbox"]["path"])
+
+    @property
+    def maildir(self) -> Path:
+        return Path(self.config["reports"]["maildir"])
+
+    def start(self, timeout: float = 60.0) -> DaemonProcess:
+        name = f"mailbridge-test-{secrets.token_hex(8)}"
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind("\0" + name)
+        env = {**os.environ, "NOTIFY_SOCKET": "@" + name, "PYTHONUNBUFFERED": "1"}
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mailbridge", "serve", "-c", str(self.config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        log.close()
+        sock.settimeout(timeout)
+        try:
+            while True:
+                try:
+                    data = sock.recv(4096).decode()
+                except TimeoutError:
+                    raise AssertionError(f"daemon not ready in {timeout}s:\n{self.log()}") from None
+                if "READY=1" in data:
+                    break
+        finally:
+            sock.close()
+        status = [ln for ln in data.splitlines() if ln.startswith("STATUS=")][0]
+        self.port = int(status.rsplit(":", 1)[1].split(",")[0])
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def smtp(self) -> smtplib.SMTP:
+        return smtplib.SMTP("127.0.0.1", self.port, timeout=60)
+
+    def send(self, msg: EmailMessage, sender: str | None = None) -> tuple[int, str]:
+        """Submit one mail; the reply to DATA (or the refusal) as (code, text)."""
+        with self.smtp() as smtp:
+            return send_on(smtp, msg, sender)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def terminate(self, timeout: float = 60.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+
+def send_on(smtp: smtplib.SMTP, msg: EmailMessage, sender: str | None = None) -> tuple[int, str]:
+    """Send `msg` on an open connection; return the final reply (code, text)."""
+    mail_from = sender if sender is not None else str(msg["From"])
+    code, text = smtp.mail(mail_from)
+    if code != 250:
+        smtp.rset()
+        return code, text.decode()
+    code, text = smtp.rcpt(str(msg["To"]))
+    if code not in (250, 251):
+        smtp.rset()
+        return code, text.decode()
+    code, text = smtp.data(msg.as_bytes())
+    return code, text.decode()

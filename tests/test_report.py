@@ -1,0 +1,76 @@
+"""Ack and Not bodies, byte for byte against golden files (SPEC section 5)."""
+
+from __future__ import annotations
+
+from email import message_from_bytes, policy
+from pathlib import Path
+
+import pytest
+
+from mailbridge.codes import NOT_MESSAGES
+from mailbridge.model import ReportData, ReportJob
+from mailbridge.report import ReportRenderer, compose_mail
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+@pytest.fixture(scope="module")
+def renderer() -> ReportRenderer:
+    return ReportRenderer()
+
+
+def golden(name: str) -> bytes:
+    return (GOLDEN / name).read_bytes()
+
+
+def test_ack_bytes(renderer: ReportRenderer) -> None:
+    assert renderer.ack_body("1548", 0) == golden("ack_0.xml")
+    assert renderer.ack_body(None, 2) == golden("ack_2.xml")
+    assert renderer.ack_body("a&b<c>", 3) == golden("ack_3_escaped.xml")
+
+
+def test_not_single_form(renderer: ReportRenderer) -> None:
+    data = ReportData("1548", 0, False, [("0601020304", 0)], None)
+    assert renderer.not_body(data) == golden("not_single.xml")
+
+
+def test_not_numbered_form(renderer: ReportRenderer) -> None:
+    rows = [("0601020304", 0), ("06 01 02", 7), ("+33601020305", 24)]
+    data = ReportData("1548", 0, True, rows, None)
+    assert renderer.not_body(data) == golden("not_numbered.xml")
+
+
+def test_every_code_text_is_latin1(renderer: ReportRenderer) -> None:
+    for code, text in NOT_MESSAGES.items():
+        body = renderer.not_body(ReportData("x", 0, False, [("1", code)], None))
+        assert text.encode("iso-8859-1") in body
+
+
+def test_values_outside_latin1_become_character_references(renderer: ReportRenderer) -> None:
+    body = renderer.ack_body("Заказ-1", 0)
+    assert b"<emailId>&#1047;&#1072;&#1082;&#1072;&#1079;-1</emailId>" in body
+
+
+def test_report_mail_headers(renderer: ReportRenderer) -> None:
+    job = ReportJob(7, 42, "not", "not@client.test", 1_800_000_000.0, 0)
+    data = ReportData("1548", 0, False, [("0601020304", 0)], "<orig@client.test>")
+    body = renderer.not_body(data)
+    raw = compose_mail(job, data, body, from_address="mb@bridge.test", instance_id="abcd1234")
+    msg = message_from_bytes(raw, policy=policy.default)
+    assert msg["Auto-Submitted"] == "auto-replied"
+    assert msg["To"] == "not@client.test"
+    assert msg["In-Reply-To"] == "<orig@client.test>"
+    assert msg["Message-ID"] == "<not.42.7.abcd1234@bridge.test>"
+    assert msg.get_content_charset() == "iso-8859-1"
+    assert msg.get_payload(decode=True) == golden("not_single.xml")
+    # The same job renders the same mail: retries are recognisable duplicates.
+    assert raw == compose_mail(
+        job, data, body, from_address="mb@bridge.test", instance_id="abcd1234"
+    )
+
+
+def test_header_injection_is_neutralised(renderer: ReportRenderer) -> None:
+    job = ReportJob(1, 1, "ack", "a@client.test", 0.0, 0)
+    data = ReportData("x\r\nBcc: victim@example.com", 0, False, [], None)
+    raw = compose_mail(job, data, b"", from_address="mb@bridge.test", instance_id="i")
+    assert b"\nBcc:" not in raw

@@ -1,0 +1,162 @@
+"""The SQLite store: admission, emailId uniqueness, claims, results, reports."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from mailbridge.model import NewRequest, RecipientDraft, RecipientResult
+from mailbridge.store import StoreUnavailable
+from mailbridge.store.sqlite import SqliteStore
+
+NOW = 1_800_000_000.0
+
+
+def new_request(email_id: str | None = "1", ack: int = 0, **kw: object) -> NewRequest:
+    recipients = kw.pop(
+        "recipients",
+        [
+            RecipientDraft("0601020304", "+33601020304", "hello", "gsm7", 1, 5),
+            RecipientDraft("bad", code=7),
+        ],
+    )
+    fields: dict[str, object] = dict(
+        account="key", email_id=email_id, ack_code=ack, ack_to="ack@c.test", not_to="not@c.test",
+        numbered=True, sender="MaSociete", reference=None, received_at=NOW, due_at=NOW,
+        mail_from="erp@c.test", client_ip="127.0.0.1", message_id="<m@c.test>",
+        recipients=recipients,
+    )  # fmt: skip
+    fields.update(kw)
+    return NewRequest(**fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    s = SqliteStore(tmp_path / "db.sqlite")
+    await s.open()
+    yield s
+    await s.close()
+
+
+async def test_admission_and_duplicate_email_id(store: SqliteStore) -> None:
+    first = await store.add_request(new_request("42"))
+    second = await store.add_request(new_request("42"))
+    other_account = await store.add_request(new_request("42", account="other"))
+    assert (first.ack_code, second.ack_code, other_account.ack_code) == (0, 1, 0)
+    status = await store.status(NOW)
+    assert status["requests"] == {"queued": 2, "done": 1}
+    reports = await store.claim_reports(NOW, 10, 60)
+    assert [(r.request_id, r.kind) for r in reports] == [
+        (first.request_id, "ack"), (second.request_id, "ack"), (other_account.request_id, "ack"),
+    ]  # fmt: skip
+    data = await store.report_data(second.request_id)
+    assert (data.ack_code, data.rows) == (1, [])
+
+
+async def test_format_errors_do_not_consume_the_email_id(store: SqliteStore) -> None:
+    assert (await store.add_request(new_request("9", ack=3))).ack_code == 3
+    assert (await store.add_request(new_request("9"))).ack_code == 0
+
+
+async def test_concurrent_duplicates_admit_exactly_one(store: SqliteStore) -> None:
+    results = await asyncio.gather(*(store.add_request(new_request("same")) for _ in range(20)))
+    assert sorted(r.ack_code for r in results) == [0] + [1] * 19
+
+
+async def test_claim_send_finish(store: SqliteStore) -> None:
+    admitted = await store.add_request(new_request())
+    claimed = await store.claim_request(NOW, 60)
+    assert claimed is not None and claimed.id == admitted.request_id
+    assert await store.claim_request(NOW, 60) is None  # leased
+    pending = await store.pending_recipients(claimed.id, NOW, 100)
+    assert [(p.idx, p.number, p.in_doubt) for p in pending] == [(1, "+33601020304", False)]
+    await store.mark_submitting(claimed.id, [1], "outbox", NOW + 60)
+    assert not await store.finish_if_done(claimed.id, NOW)
+    await store.record_results(
+        claimed.id, "key", [RecipientResult(1, 0, "outbox", "id-1", "", NOW)], NOW
+    )
+    assert await store.finish_if_done(claimed.id, NOW)
+    data = await store.report_data(claimed.id)
+    assert data.rows == [("0601020304", 0), ("bad", 7)]
+    kinds = [r.kind for r in await store.claim_reports(NOW, 10, 60)]
+    assert kinds == ["ack", "not"]
+
+
+async def test_all_final_at_intake_queues_the_not_at_once(store: SqliteStore) -> None:
+    req = new_request(recipients=[RecipientDraft("x", code=7)])
+    admitted = await store.add_request(req)
+    assert (await store.status(NOW))["requests"] == {"done": 1}
+    assert [r.kind for r in await store.claim_reports(NOW, 10, 60)] == ["ack", "not"]
+    assert admitted.ack_code == 0
+
+
+async def test_crash_mid_submission_leaves_recipients_in_doubt(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "db.sqlite")
+    await store.open()
+    await store.add_request(new_request())
+    claimed = await store.claim_request(NOW, 600)
+    assert claimed is not None
+    await store.mark_submitting(claimed.id, [1], "outbox", NOW + 600)
+    await store.close()  # the process dies here
+    again = SqliteStore(tmp_path / "db.sqlite")
+    await again.open()
+    assert await again.recover() == 1
+    reclaimed = await again.claim_request(NOW, 60)
+    assert reclaimed is not None and reclaimed.id == claimed.id
+    pending = await again.pending_recipients(claimed.id, NOW, 10)
+    assert [(p.idx, p.in_doubt) for p in pending] == [(1, True)]
+    assert again.instance_id == store.instance_id
+    await again.close()
+
+
+async def test_retry_due_times_and_release(store: SqliteStore) -> None:
+    admitted = await store.add_request(new_request())
+    claimed = await store.claim_request(NOW, 60)
+    assert claimed is not None
+    await store.record_results(
+        claimed.id, "key", [RecipientResult(1, None, "outbox", None, "503", NOW + 30, 0, 1)], NOW
+    )
+    assert await store.pending_recipients(claimed.id, NOW, 10) == []
+    await store.release_request(claimed.id, None, None, count_attempt=False)
+    assert await store.claim_request(NOW + 29, 60) is None
+    assert await store.next_due() is not None
+    later = await store.claim_request(NOW + 31, 60)
+    assert later is not None and later.id == admitted.request_id
+    (p,) = await store.pending_recipients(claimed.id, NOW + 31, 10)
+    assert (p.attempts, p.in_doubt) == (1, True)
+
+
+async def test_credit(store: SqliteStore) -> None:
+    assert await store.reserve_credit("key", 3, 5)
+    assert not await store.reserve_credit("key", 3, 5)
+    await store.record_results(0, "key", [RecipientResult(1, 999, refund_parts=3)], NOW)
+    assert await store.reserve_credit("key", 5, 5)
+
+
+async def test_report_retry(store: SqliteStore) -> None:
+    await store.add_request(new_request(recipients=[RecipientDraft("x", code=7)]))
+    ack, not_ = await store.claim_reports(NOW, 10, 60)
+    await store.report_failed(ack.id, NOW + 100, "relay down")
+    await store.report_sent(not_.id, NOW)
+    assert await store.claim_reports(NOW + 1, 10, 60) == []
+    (retry,) = await store.claim_reports(NOW + 100, 10, 60)
+    assert (retry.id, retry.attempts) == (ack.id, 1)
+    status = await store.status(NOW)
+    assert status["reports"] == {"pending": 1, "sent": 1}
+
+
+async def test_unwritable_store_raises_store_unavailable(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "db.sqlite")
+    await store.open()
+    await store.close()
+    # Make the database read-only under the daemon's feet.
+    again = SqliteStore(tmp_path / "db.sqlite")
+    await again.open()
+    assert again._db is not None
+    again._db.execute("PRAGMA query_only = ON")
+    with pytest.raises(StoreUnavailable):
+        await again.add_request(new_request())
+    await again.close()
