@@ -9,7 +9,6 @@ bound SMTP port from the STATUS line, so tests use ephemeral ports.
 from __future__ import annotations
 
 import json
-import mailbox
 import os
 import secrets
 import signal
@@ -19,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from email import message_from_bytes, policy
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any, TypeVar
@@ -116,19 +116,53 @@ def outbox_lines(path: Path) -> list[dict[str, Any]]:
 
 
 def maildir_reports(path: Path) -> list[EmailMessage]:
-    """Every report mail delivered into the Maildir, in delivery order."""
-    if not (path / "new").exists():
+    """Every report mail delivered into the Maildir, by report id."""
+    new = path / "new"
+    if not new.exists():
         return []
-    box = mailbox.Maildir(path, factory=None, create=False)
-    keys = sorted(
-        box.keys(), key=lambda k: (int(k.split(".")[0]), int(k.split(".M")[1].split("I")[0]))
-    )
-    from email import message_from_bytes, policy
-
+    # File names are "<time>.M<report id>I<instance>.<host>" (mailer.MaildirSink).
+    files = sorted(new.iterdir(), key=lambda f: int(f.name.split(".M")[1].split("I")[0]))
     return [
-        message_from_bytes(box.get_bytes(k), policy=policy.default)  # type: ignore[misc]
-        for k in keys
+        message_from_bytes(f.read_bytes(), policy=policy.default)  # type: ignore[misc]
+        for f in files
     ]
+
+
+def reports_for(path: Path, email_id: str) -> dict[str, list[bytes]]:
+    """Report bodies for one emailId: {"ack": [...], "not": [...]}."""
+    out: dict[str, list[bytes]] = {"ack": [], "not": []}
+    for msg in maildir_reports(path):
+        label, _, subject_id = str(msg["Subject"]).partition(" ")
+        if subject_id == email_id:
+            out["ack" if label == "etatAck" else "not"].append(report_body(msg))
+    return out
+
+
+def wait_reports(path: Path, email_id: str, acks: int = 1, nots: int = 1) -> dict[str, list[bytes]]:
+    """Wait until the Ack(s) and Not(s) of `email_id` are in the Maildir."""
+    return wait_for(
+        lambda: (
+            (r := reports_for(path, email_id))
+            and len(r["ack"]) >= acks
+            and len(r["not"]) >= nots
+            and r
+        ),
+        what=f"{acks} Ack and {nots} Not for emailId {email_id}",
+    )
+
+
+def ack_code(body: bytes) -> int:
+    return int(body.split(b"<code>")[1].split(b"</code>")[0])
+
+
+def not_codes(body: bytes) -> list[tuple[str, int]]:
+    """(tel, code) pairs of a Not body, single or numbered form."""
+    import re
+
+    text = body.decode("iso-8859-1")
+    codes = re.findall(r"<code\d*>(\d+)</code\d*>", text)
+    tels = re.findall(r"<tel\d*>(.*?)</tel\d*>", text)
+    return list(zip(tels, map(int, codes), strict=True))
 
 
 def report_body(msg: EmailMessage) -> bytes:
@@ -215,6 +249,7 @@ class DaemonProcess:
 def send_on(smtp: smtplib.SMTP, msg: EmailMessage, sender: str | None = None) -> tuple[int, str]:
     """Send `msg` on an open connection; return the final reply (code, text)."""
     mail_from = sender if sender is not None else str(msg["From"])
+    smtp.ehlo_or_helo_if_needed()
     code, text = smtp.mail(mail_from)
     if code != 250:
         smtp.rset()
@@ -223,5 +258,10 @@ def send_on(smtp: smtplib.SMTP, msg: EmailMessage, sender: str | None = None) ->
     if code not in (250, 251):
         smtp.rset()
         return code, text.decode()
-    code, text = smtp.data(msg.as_bytes())
+    code, text = smtp.data(wire_bytes(msg))
     return code, text.decode()
+
+
+def wire_bytes(msg: EmailMessage) -> bytes:
+    """The message with CRLF line ends (smtplib.data sends bytes unchanged)."""
+    return msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))
