@@ -32,8 +32,8 @@ from tests.support import (
     request_mail,
     send_on,
     wait_for,
-    wire_bytes,
     wait_reports,
+    wire_bytes,
 )
 
 GOLDEN = Path(__file__).parent / "golden"
