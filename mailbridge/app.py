@@ -74,7 +74,8 @@ class Daemon:
     _providers: dict[str, Provider] = field(default_factory=dict)
     _sink: ReportSink | None = None
 
-    def _wake(self) -> None:
+    def wake(self) -> None:
+        """New work may be due: the dispatcher and the mailer look now."""
         self._work.set()
         self._reports.set()
 
@@ -103,7 +104,7 @@ class Daemon:
             self.clock,
             on_done=self._reports.set,
         )
-        handler = IntakeHandler(config, build_rules(config), store, self.clock, self._wake)
+        handler = IntakeHandler(config, build_rules(config), store, self.clock, self.wake)
         await self._listen(handler)
         self._tasks = [
             asyncio.create_task(dispatcher.run(self._work, self._stopping, STOP_GRACE_S)),

@@ -92,6 +92,9 @@ class StoreConfig(_Model):
     # "full": a 250 survives power loss (fsync per commit). "normal": survives a
     # crash of the daemon, but the last commits may be lost on power loss.
     synchronous: Literal["full", "normal"] = "full"
+    # How long a write waits for a lock held by another process before the
+    # intake answers 451 (the client retries later).
+    busy_timeout_s: float = Field(5.0, gt=0)
 
     @model_validator(mode="after")
     def _one_backend(self) -> StoreConfig:

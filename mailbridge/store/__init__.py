@@ -114,5 +114,7 @@ def open_store(config: StoreConfig) -> Store:
     if config.sqlite is not None:
         from mailbridge.store.sqlite import SqliteStore
 
-        return SqliteStore(config.sqlite, synchronous=config.synchronous)
+        return SqliteStore(
+            config.sqlite, synchronous=config.synchronous, busy_timeout_s=config.busy_timeout_s
+        )
     raise StoreUnavailable("store.postgresql is not implemented yet; use store.sqlite")

@@ -30,7 +30,6 @@ from mailbridge.store import StoreUnavailable
 
 T = TypeVar("T")
 SCHEMA_VERSION = 1
-BUSY_TIMEOUT_MS = 5000
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -103,9 +102,12 @@ CREATE TABLE IF NOT EXISTS credits (account TEXT PRIMARY KEY, used INTEGER NOT N
 class SqliteStore:
     """The default store backend. Construct, then `await open()`."""
 
-    def __init__(self, path: Path, *, synchronous: str = "full") -> None:
+    def __init__(
+        self, path: Path, *, synchronous: str = "full", busy_timeout_s: float = 5.0
+    ) -> None:
         self.path = path
         self.synchronous = synchronous.upper()
+        self.busy_timeout_s = busy_timeout_s
         self.instance_id = ""
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
         self._db: sqlite3.Connection | None = None
@@ -142,9 +144,8 @@ class SqliteStore:
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(
-            self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000
+            self.path, isolation_level=None, check_same_thread=False, timeout=self.busy_timeout_s
         )
-        db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         db.execute("PRAGMA journal_mode = WAL")
         db.execute(f"PRAGMA synchronous = {self.synchronous}")
         self._db = db
