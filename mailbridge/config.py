@@ -399,7 +399,9 @@ def parse_config(data: Any, *, base_dir: Path, source: str = "config") -> Config
     try:
         config = Config.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as err:
-        problems.extend(_pydantic_problems(err))
+        # A key whose variable is unset already has its problem; don't add a second.
+        unset = {p.split(":", 1)[0] for p in problems}
+        problems.extend(p for p in _pydantic_problems(err) if p.split(":", 1)[0] not in unset)
         raise ConfigError(source, problems) from None
     if problems:
         raise ConfigError(source, problems)

@@ -424,3 +424,37 @@ def test_sigterm_stops_cleanly(tmp_path: Path) -> None:
     request_id(proc.send(request_mail(num="0601020304", sms="x", emailId=email_id)))
     assert proc.terminate() == 0
     assert "stopped" in proc.log()
+
+
+def test_cli_send_and_status(daemon: DaemonProcess, tmp_path: Path) -> None:
+    import sys
+
+    email_id = secrets.token_hex(5)
+    mobiles = tmp_path / "m.csv"
+    mobiles.write_text("0601020304;;Ana\n0601020305;;Bo\n", encoding="utf-8")
+    message = tmp_path / "msg.csv"
+    message.write_text("Salut [1]\n", encoding="utf-8")
+    base = [sys.executable, "-m", "mailbridge"]
+    sent = subprocess.run(
+        [*base, "send", "-c", str(daemon.config_path), "--server", f"127.0.0.1:{daemon.port}",
+         "--mobiles", str(mobiles), "--message", str(message), "--email-id", email_id,
+         "--from", SENDER, "--tracker", "cli"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    reports = wait_reports(daemon.maildir, email_id)
+    assert not_codes(reports["not"][0]) == [("0601020304", 0), ("0601020305", 0)]
+    assert any(line["text"] == "Salut Ana" for line in outbox_lines(daemon.outbox))
+    refused = subprocess.run(
+        [*base, "send", "-c", str(daemon.config_path), "--server", f"127.0.0.1:{daemon.port}",
+         "--num", "0601020304", "--sms", "x", "--from", "nobody@evil.test"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert refused.returncode == 1 and "550" in refused.stdout
+    status = subprocess.run(
+        [*base, "status", "--json", "-c", str(daemon.config_path)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert status.returncode == 0, status.stderr
+    counts = json.loads(status.stdout)
+    assert counts["requests"]["done"] >= 1 and "reports" in counts
