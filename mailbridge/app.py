@@ -87,7 +87,10 @@ class Daemon:
         if released:
             log.warning("recovered %d request(s) left in flight by a previous run", released)
         self._http = httpx.AsyncClient(
-            limits=httpx.Limits(max_connections=50, max_keepalive_connections=20),
+            limits=httpx.Limits(
+                max_connections=config.dispatch.http_max_connections,
+                max_keepalive_connections=config.dispatch.http_max_keepalive,
+            ),
             headers={"User-Agent": "mailbridge"},
         )
         self._providers = {

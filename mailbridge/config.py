@@ -139,6 +139,10 @@ class _ProviderBase(_Model):
     timeout_s: float = Field(10.0, gt=0)
     retry_attempts: int = Field(3, ge=1)  # all attempts, the first included
     retry_backoff_s: float = Field(1.0, ge=0)  # doubling, with jitter
+    # Circuit breaker: after this many failed calls in a row, skip the provider
+    # (fail over at once) for circuit_cooldown_s, then try one call again.
+    circuit_failures: int = Field(5, ge=1)
+    circuit_cooldown_s: float = Field(30.0, gt=0)
 
 
 class OutboxProviderConfig(_ProviderBase):
@@ -163,6 +167,9 @@ class KcellProviderConfig(_ProviderBase):
     url: str = "https://api.kcell.kz/app/smsgw/rest/v2"
     username: str = Field(min_length=1)
     password: str = Field(min_length=1)
+    # When SMSGW may deliver. Its own default, "def", is weekdays 09:00-18:00:
+    # mailbridge applies quiet hours itself, so "full" by default; null omits the field.
+    time_bounds: Literal["def", "wd99", "wd911", "ad96", "ad99", "ad911", "full"] | None = "full"
 
 
 ProviderConfig = Annotated[
@@ -300,6 +307,9 @@ class DispatchConfig(_Model):
     lease_s: float = Field(300.0, gt=0)  # a claim older than this is taken back
     max_attempts: int = Field(10, ge=1)  # request-level failures before quarantine
     provider_wait_s: float = Field(60.0, gt=0)  # wait before retrying a request whose route is down
+    # The one HTTP client all providers share: connections open at once, kept alive.
+    http_max_connections: int = Field(50, ge=1)
+    http_max_keepalive: int = Field(20, ge=0)
 
 
 class Config(_Model):

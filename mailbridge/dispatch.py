@@ -19,6 +19,7 @@ import logging
 import random
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 from mailbridge.clock import Clock, nap
 from mailbridge.codes import Code
@@ -38,9 +39,42 @@ log = logging.getLogger(__name__)
 PAGE = 5000  # recipients loaded at once from a large request
 
 
-def backoff(base_s: float, attempt: int) -> float:
-    """Delay before attempt `attempt + 1`: base doubling per attempt, ±20% jitter."""
-    return float(base_s * (2 ** max(0, attempt - 1)) * random.uniform(0.8, 1.2))
+@dataclass
+class CircuitBreaker:
+    """A provider's health as this process sees it (in memory on purpose: after
+    a restart every provider gets a fresh chance; retry counts live in the store).
+
+    After `threshold` calls in a row that failed transiently the circuit opens:
+    for `cooldown_s` the provider is skipped (its recipients fail over at once,
+    or wait when it is their last provider). Then one call is let through; a
+    success closes the circuit, a failure opens it again.
+    """
+
+    threshold: int
+    cooldown_s: float
+    failures: int = 0
+    open_until: float = 0.0
+
+    def allows(self, now: float) -> bool:
+        return now >= self.open_until
+
+    def record(self, ok: bool, now: float) -> bool:
+        """Count one call; True when this call opened the circuit."""
+        if ok:
+            self.failures, self.open_until = 0, 0.0
+            return False
+        self.failures += 1
+        if self.failures >= self.threshold:
+            self.open_until = now + self.cooldown_s
+            return True
+        return False
+
+
+def backoff(base_s: float, attempt: int, jitter: float | None = None) -> float:
+    """Delay before attempt `attempt + 1`: base doubling per attempt, ±20% jitter
+    (one jitter per batch, so the recipients of a batch stay together)."""
+    factor = random.uniform(0.8, 1.2) if jitter is None else jitter
+    return float(base_s * (2 ** max(0, attempt - 1)) * factor)
 
 
 class Dispatcher:
@@ -63,6 +97,10 @@ class Dispatcher:
         self.config = config
         self.clock = clock
         self.on_done = on_done  # a request finished: its Not report is due
+        self.breakers = {
+            name: CircuitBreaker(pc.circuit_failures, pc.circuit_cooldown_s)
+            for name, pc in provider_configs.items()
+        }
 
     # -- the loop --------------------------------------------------------
 
@@ -88,6 +126,8 @@ class Dispatcher:
                 def finished(task: asyncio.Task[None]) -> None:
                     tasks.discard(task)
                     slots.release()
+                    # The request may be due again soon (a retry): look again.
+                    wake.set()
 
                 task.add_done_callback(finished)
             await nap(wake, stopping, await self._idle_time())
@@ -168,7 +208,25 @@ class Dispatcher:
                 log.warning("request %d: %s for %s: code 999", claimed.id, why, rcpt.number)
                 final.append(RecipientResult(rcpt.idx, Code.ERROR, detail=why))
                 continue
-            groups[route[rcpt.provider_index]].append((rcpt, route))
+            name = route[rcpt.provider_index]
+            breaker = self.breakers[name]
+            if not breaker.allows(now):
+                # Skipped without an attempt: the next provider at once, or wait.
+                last = rcpt.provider_index + 1 >= len(route)
+                final.append(
+                    RecipientResult(
+                        rcpt.idx,
+                        None,
+                        name,
+                        None,
+                        f"{name}: circuit open",
+                        breaker.open_until if last else now,
+                        rcpt.provider_index if last else rcpt.provider_index + 1,
+                        rcpt.attempts if last else 0,
+                    )  # fmt: skip
+                )
+                continue
+            groups[name].append((rcpt, route))
         if final:
             await self.store.record_results(claimed.id, claimed.account, final, now)
         for name, group in groups.items():
@@ -240,14 +298,20 @@ class Dispatcher:
                 ]
             else:
                 now = self.clock.time()
+                ok = any(not o.retry for o in outcomes)
+                if self.breakers[name].record(ok, now):
+                    log.error(
+                        "provider %s failed %d calls in a row: skipped for %.0fs",
+                        name, self.breakers[name].failures, self.breakers[name].cooldown_s,
+                    )  # fmt: skip
                 by_key = {o.key: o for o in outcomes}
+                jitter = random.uniform(0.8, 1.2)
                 for rcpt, msg in zip(chunk, messages, strict=True):
                     outcome = by_key.get(msg.key) or Outcome(
                         msg.key, Code.ERROR, detail="no answer for this message", retry=True
                     )
-                    results.append(
-                        self._decide(claimed, name, rcpt, routes[rcpt.idx], outcome, now)
-                    )
+                    route = routes[rcpt.idx]
+                    results.append(self._decide(claimed, name, rcpt, route, outcome, now, jitter))
         await self.store.record_results(claimed.id, account.keyid, results, self.clock.time())
         sent = sum(1 for r in results if r.code == 0)
         log.info(
@@ -297,6 +361,7 @@ class Dispatcher:
         route: list[str],
         outcome: Outcome,
         now: float,
+        jitter: float,
     ) -> RecipientResult:
         """The outcome of one attempt -> a final code, a retry, or a failover."""
         if not outcome.retry:
@@ -308,7 +373,7 @@ class Dispatcher:
         attempts = rcpt.attempts + 1
         settings = self.provider_configs[name]
         if attempts < settings.retry_attempts:
-            due = now + backoff(settings.retry_backoff_s, attempts)
+            due = now + backoff(settings.retry_backoff_s, attempts, jitter)
             return RecipientResult(
                 rcpt.idx, None, name, None, outcome.detail, due, rcpt.provider_index, attempts,
                 refund_parts=rcpt.parts,

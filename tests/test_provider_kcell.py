@@ -111,7 +111,7 @@ async def test_single_message_exact_request(
         req.body
         == (
             '{"client_message_id":"req7-1","sender":"MAILBRIDGE","recipient":"77010000001",'
-            '"message_text":"Привет € {x}"}'
+            '"message_text":"Привет € {x}","time_bounds":"full"}'
         ).encode()
     )
     [out] = outcomes
@@ -128,6 +128,7 @@ async def test_sender_none_is_omitted(kcell: KcellProvider, server: ProviderServ
         "client_message_id": "req7-1",
         "recipient": "77010000001",
         "message_text": "Hello",
+        "time_bounds": "full",
     }
 
 
@@ -143,8 +144,9 @@ async def test_batch_exact_request(
     assert req.headers["content-type"] == "application/json;charset=utf-8"
     assert req.body == (
         b'{"messages":[{"client_message_id":"req7-1","sender":"MAILBRIDGE",'
-        b'"recipient":"77010000001","message_text":"Hi Ann"},'
-        b'{"client_message_id":"req7-2","recipient":"77010000002","message_text":"Hi Bob"}],'
+        b'"recipient":"77010000001","message_text":"Hi Ann","time_bounds":"full"},'
+        b'{"client_message_id":"req7-2","recipient":"77010000002","message_text":"Hi Bob",'
+        b'"time_bounds":"full"}],'
         b'"fail-fast":false}'
     )
     [batch_id] = fake.batches

@@ -167,7 +167,7 @@ class KcellProvider:
         if run.halt is not None:
             return run.skipped([m])[0]
         try:
-            resp = await self._post("/messages", _item(m))
+            resp = await self._post("/messages", _item(m, self._config.time_bounds))
         except httpx.HTTPError as exc:
             return run.fail(_Halt(Code.ERROR, _transport_text(exc)), [m])[0]
         halt = self._halt_for(resp)
@@ -188,7 +188,10 @@ class KcellProvider:
         return list(await asyncio.gather(*(one(m) for m in chunk)))
 
     async def _batch(self, chunk: Sequence[SmsMessage], run: _Run) -> list[Outcome]:
-        payload = {"messages": [_item(m) for m in chunk], "fail-fast": False}
+        payload = {
+            "messages": [_item(m, self._config.time_bounds) for m in chunk],
+            "fail-fast": False,
+        }
         try:
             resp = await self._post("/batches", payload)
         except httpx.HTTPError as exc:
@@ -231,13 +234,16 @@ def build(name: str, config: KcellProviderConfig, http: httpx.AsyncClient) -> Kc
     return KcellProvider(name, config, http)
 
 
-def _item(m: SmsMessage) -> dict[str, str]:
+def _item(m: SmsMessage, time_bounds: str | None) -> dict[str, str]:
     # Keys in the seed's order; SMSGW picks GSM-7 or UCS-2 itself (no encoding field).
     item = {"client_message_id": m.key}
     if m.sender is not None:
         item["sender"] = m.sender
     item["recipient"] = m.to.removeprefix("+")
     item["message_text"] = m.text
+    if time_bounds is not None:
+        # SMSGW's own default ("def") delivers on weekdays 09:00-18:00 only.
+        item["time_bounds"] = time_bounds
     return item
 
 
