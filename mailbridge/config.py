@@ -141,7 +141,7 @@ class _ProviderBase(_Model):
     retry_backoff_s: float = Field(1.0, ge=0)  # doubling, with jitter
     # Circuit breaker: after this many failed calls in a row, skip the provider
     # (fail over at once) for circuit_cooldown_s, then try one call again.
-    circuit_failures: int = Field(5, ge=1)
+    circuit_failures: int = Field(3, ge=1)
     circuit_cooldown_s: float = Field(30.0, gt=0)
 
 
@@ -307,6 +307,10 @@ class DispatchConfig(_Model):
     lease_s: float = Field(300.0, gt=0)  # a claim older than this is taken back
     max_attempts: int = Field(10, ge=1)  # request-level failures before quarantine
     provider_wait_s: float = Field(60.0, gt=0)  # wait before retrying a request whose route is down
+    # When the last provider of a route is down as a whole (its circuit is open),
+    # recipients wait for it instead of getting 999, up to this long after the
+    # email arrived. 0: fail at once after retry_attempts, as for a lone failure.
+    outage_hold_s: float = Field(900.0, ge=0)
     # The one HTTP client all providers share: connections open at once, kept alive.
     http_max_connections: int = Field(50, ge=1)
     http_max_keepalive: int = Field(20, ge=0)

@@ -388,6 +388,14 @@ class Dispatcher:
                 rcpt.idx, None, name, None, outcome.detail, now, rcpt.provider_index + 1, 0,
                 refund_parts=rcpt.parts,
             )  # fmt: skip
+        breaker = self.breakers[name]
+        if not breaker.allows(now) and now - claimed.received_at < self.config.outage_hold_s:
+            # The provider is down as a whole, not refusing this message: wait
+            # for it to come back rather than fail the recipient.
+            return RecipientResult(
+                rcpt.idx, None, name, None, f"{name} is down: {outcome.detail}",
+                breaker.open_until, rcpt.provider_index, attempts, refund_parts=rcpt.parts,
+            )  # fmt: skip
         return RecipientResult(
             rcpt.idx, outcome.code, name, None, outcome.detail, now, rcpt.provider_index,
             attempts, refund_parts=rcpt.parts,

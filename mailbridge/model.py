@@ -59,6 +59,7 @@ class ClaimedRequest:
     sender: str | None
     reference: str | None
     attempts: int
+    received_at: float
 
 
 @dataclass(frozen=True, slots=True)

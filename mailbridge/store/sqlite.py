@@ -250,7 +250,7 @@ class SqliteStore:
             "UPDATE requests SET claimed_until = ? WHERE id = ("
             " SELECT id FROM requests WHERE state = 'queued' AND due_at <= ?"
             " AND (claimed_until IS NULL OR claimed_until < ?) ORDER BY due_at, id LIMIT 1)"
-            " RETURNING id, account, email_id, sender, reference, attempts",
+            " RETURNING id, account, email_id, sender, reference, attempts, received_at",
             (now + lease_s, now, now),
         ).fetchone()
         return None if row is None else ClaimedRequest(*row)
