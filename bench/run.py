@@ -1,0 +1,370 @@
+"""mailbridge benchmark: one run, one machine, one load generator.
+
+    .venv/bin/python bench/run.py            # the full run (a few minutes)
+    .venv/bin/python bench/run.py --quick    # the CI smoke run (seconds, no thresholds)
+
+Measures, and prints as one Markdown table (also written to --out):
+- the limit: a bare aiosmtpd server that only answers 250, and Postfix's
+  smtp-sink (C) when installed;
+- mailbridge intake: 250s per second for single-recipient <envoi> emails with
+  unique emailIds, 1 and 20 connections, new or reused connections; p50/p99
+  from the end of DATA to the 250;
+- mailbridge end to end: emails per second fully done (provider answered,
+  Ack and Not delivered to an SMTP sink), p50/p99 from the 250 to the Not;
+- fan-out: 500 numbers with one text, 500 personal texts, a 100 000-line
+  mobiles.csv: wall time until the provider has every SMS, HTTP requests,
+  daemon CPU, peak RSS of the daemon.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loadgen import LoadResult, run_load  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+KEYID = "bench0000000000000001"
+SENDER = "erp@client.test"
+INTAKE = "sendsms@bridge.test"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# -- processes ---------------------------------------------------------------
+
+
+class Proc:
+    """A child process that prints "PORT <n>" (our servers) or is a daemon."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.p = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True
+        )
+        self.port = 0
+
+    def read_port(self) -> Proc:
+        assert self.p.stdout is not None
+        line = self.p.stdout.readline()
+        if not line.startswith("PORT "):
+            raise RuntimeError(f"{self.p.args}: no port ({line!r})")
+        self.port = int(line.split()[1])
+        return self
+
+    def cpu_s(self) -> float:
+        fields = Path(f"/proc/{self.p.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    def peak_rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.p.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGTERM)
+            try:
+                self.p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait()
+
+
+def start_server(kind: str, *extra: str) -> Proc:
+    return Proc([sys.executable, str(REPO / "bench" / "servers.py"), kind, *extra]).read_port()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_smtp_sink() -> Proc | None:
+    exe = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
+    if not os.path.exists(exe):
+        return None
+    port = free_port()
+    proc = Proc([exe, "-c", f"127.0.0.1:{port}", "256"])
+    proc.port = port
+    wait_port(port)
+    return proc
+
+
+def wait_port(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def start_daemon(tmp: Path, provider_port: int, sink_port: int, synchronous: str) -> Proc:
+    config = {
+        "smtp": {"listen": "127.0.0.1:0", "recipients": [INTAKE], "max_message_bytes": 20_000_000},
+        "store": {"sqlite": str(tmp / "mailbridge.db"), "synchronous": synchronous},
+        "reports": {"from": "mailbridge@bridge.test", "smtp": {"host": "127.0.0.1", "port": sink_port}},
+        "providers": {
+            "cm": {"type": "cm", "url": f"http://127.0.0.1:{provider_port}/v1.0/message",
+                   "product_token": "00000000-0000-0000-0000-000000000000"},
+        },  # fmt: skip
+        "accounts": [
+            {"keyid": KEYID, "name": "bench", "sender_domains": ["client.test"], "provider": "cm",
+             "default_sender": "Bench", "commercial": False, "countries": None}
+        ],  # fmt: skip
+        "log_level": "WARNING",
+    }
+    tmp.mkdir(parents=True, exist_ok=True)
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    name = f"mailbridge-bench-{secrets.token_hex(6)}"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind("\0" + name)
+    sock.settimeout(60)
+    env = {**os.environ, "NOTIFY_SOCKET": "@" + name}
+    proc = Proc([sys.executable, "-m", "mailbridge", "serve", "-c", str(path)], env=env)
+    try:
+        while "READY=1" not in (data := sock.recv(4096).decode()):
+            pass
+    finally:
+        sock.close()
+    status = [ln for ln in data.splitlines() if ln.startswith("STATUS=")][0]
+    proc.port = int(status.rsplit(":", 1)[1])
+    return proc
+
+
+def provider_stats(port: int) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=10) as r:
+        stats: dict[str, Any] = json.loads(r.read())
+        return stats
+
+
+def provider_reset(port: int) -> None:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/reset", data=b"", method="POST")
+    urllib.request.urlopen(req, timeout=10).read()
+
+
+# -- messages ------------------------------------------------------------------
+
+
+def envoi_mail(email_id: str, fields: dict[str, str], attachments: dict[str, bytes] | None = None) -> bytes:
+    body = "<envoi>\n" + "".join(
+        f"<{k}>{v}</{k}>\n"
+        for k, v in {"keyid": KEYID, **fields, "emailId": email_id,
+                     "emailAck": "ack@client.test", "emailNot": "not@client.test"}.items()
+    ) + "</envoi>\n"  # fmt: skip
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = SENDER, INTAKE, f"sms {email_id}"
+    msg.set_content(body)
+    for name, data in (attachments or {}).items():
+        msg.add_attachment(data, maintype="text", subtype="csv", filename=name)
+    return msg.as_bytes()
+
+
+def single_mails(n: int, tag: str) -> tuple[list[bytes], list[str]]:
+    ids = [f"{tag}-{i}-{secrets.token_hex(3)}" for i in range(n)]
+    return [envoi_mail(e, {"num": f"06{10_000_000 + i % 90_000_000:08d}", "sms": "Votre code: 4821"})
+            for i, e in enumerate(ids)], ids  # fmt: skip
+
+
+def load(port: int, mails: list[bytes], conns: int, reuse: bool) -> LoadResult:
+    result = asyncio.run(
+        run_load("127.0.0.1", port, mails, concurrency=conns, reuse=reuse,
+                 mail_from=SENDER, rcpt=INTAKE)
+    )  # fmt: skip
+    if result.errors:
+        raise RuntimeError(f"{len(result.errors)} errors, first: {result.errors[0]}")
+    return result
+
+
+def wait_until(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def sink_arrivals(log: Path) -> dict[str, float]:
+    """Subject -> first arrival time."""
+    out: dict[str, float] = {}
+    if log.exists():
+        for line in log.read_text().splitlines():
+            t, _, subject = line.partition(" ")
+            out.setdefault(subject, float(t))
+    return out
+
+
+# -- the run -------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    what: str
+    value: str
+    ratio: str = ""
+    note: str = ""
+
+
+def fmt_ms(s: float) -> str:
+    return f"{s * 1000:.1f} ms"
+
+
+def run(quick: bool, synchronous: str) -> tuple[list[Row], dict[str, Any]]:
+    n = 60 if quick else 2000
+    csv_lines = 2_000 if quick else 100_000
+    scenarios = [(1, False), (1, True), (20, False), (20, True)]
+    rows: list[Row] = []
+    raw: dict[str, Any] = {}
+    tmp = Path(tempfile.mkdtemp(prefix="mb-bench-"))
+    sink_log = tmp / "sink.log"
+    provider = start_server("provider")
+    sink = start_server("sink", "--log", str(sink_log))
+    procs = [provider, sink]
+    try:
+        limits: dict[tuple[int, bool], float] = {}
+        bare = start_server("bare")
+        procs.append(bare)
+        for conns, reuse in scenarios:
+            mails, _ = single_mails(n, "bare")
+            r = load(bare.port, mails, conns, reuse)
+            limits[(conns, reuse)] = r.rate
+            rows.append(Row(f"bare aiosmtpd, {conns} conn, {'reused' if reuse else 'new'}",
+                            f"{r.rate:.0f} msg/s", "1.00",
+                            f"p50 {fmt_ms(r.percentile(50))}, p99 {fmt_ms(r.percentile(99))}"))  # fmt: skip
+        bare.stop()
+        smtp_sink = start_smtp_sink()
+        if smtp_sink is not None:
+            procs.append(smtp_sink)
+            for conns, reuse in scenarios:
+                mails, _ = single_mails(n, "sink")
+                r = load(smtp_sink.port, mails, conns, reuse)
+                rows.append(Row(f"Postfix smtp-sink, {conns} conn, {'reused' if reuse else 'new'}",
+                                f"{r.rate:.0f} msg/s", f"{r.rate / limits[(conns, reuse)]:.2f}",
+                                f"p50 {fmt_ms(r.percentile(50))}, p99 {fmt_ms(r.percentile(99))}"))  # fmt: skip
+            smtp_sink.stop()
+        else:
+            rows.append(Row("Postfix smtp-sink", "not installed", "", "apt-get install postfix"))
+
+        daemon = start_daemon(tmp / "d1", provider.port, sink.port, synchronous)
+        procs.append(daemon)
+        e2e: LoadResult | None = None
+        e2e_ids: list[str] = []
+        for conns, reuse in scenarios:
+            mails, ids = single_mails(n, f"mb{conns}{int(reuse)}")
+            start = time.time()
+            r = load(daemon.port, mails, conns, reuse)
+            ratio = r.rate / limits[(conns, reuse)]
+            raw[f"intake_{conns}_{reuse}"] = {"rate": r.rate, "p50": r.percentile(50), "p99": r.percentile(99)}
+            rows.append(Row(f"mailbridge intake, {conns} conn, {'reused' if reuse else 'new'}",
+                            f"{r.rate:.0f} msg/s", f"{ratio:.2f}",
+                            f"p50 {fmt_ms(r.percentile(50))}, p99 {fmt_ms(r.percentile(99))}"))  # fmt: skip
+            if (conns, reuse) == (20, True):
+                e2e, e2e_ids, e2e_start = r, ids, start
+            # Let the pipeline drain before the next intake scenario.
+            wait_until(lambda ids=ids: all(f"etatNot {e}" in sink_arrivals(sink_log) for e in ids),
+                       600, "the Nots of an intake scenario")  # fmt: skip
+        assert e2e is not None
+        arrivals = sink_arrivals(sink_log)
+        nots = [arrivals[f"etatNot {e}"] for e in e2e_ids]
+        latencies = sorted(arrivals[f"etatNot {e}"] - e2e.done_at[i] for i, e in enumerate(e2e_ids))
+        e2e_rate = len(e2e_ids) / (max(nots) - e2e_start)
+        raw["e2e"] = {"rate": e2e_rate, "p50": latencies[len(latencies) // 2],
+                      "p99": latencies[int(0.99 * (len(latencies) - 1))]}  # fmt: skip
+        rows.append(Row("mailbridge end to end (20 conn, reused)", f"{e2e_rate:.0f} emails/s",
+                        f"{e2e_rate / limits[(20, True)]:.2f}",
+                        f"250→Not p50 {fmt_ms(raw['e2e']['p50'])}, p99 {fmt_ms(raw['e2e']['p99'])}"))  # fmt: skip
+
+        numbers = [f"06{10_000_000 + i:08d}" for i in range(500)]
+        same = {f"num{i + 1}": num for i, num in enumerate(numbers)} | {"sms": "Promo -10% ce week-end"}
+        personal = {f"num{i + 1}": num for i, num in enumerate(numbers)} | {
+            f"sms{i + 1}": f"Bonjour client {i}, votre code est {1000 + i}" for i in range(500)
+        }
+        for label, fields in (("500 numbers, one text", same), ("500 numbers, personal texts", personal)):
+            rows.append(fan_out(daemon, provider, label, envoi_mail(secrets.token_hex(6), fields), 500, raw))
+        daemon.stop()
+
+        # A fresh daemon so that its peak RSS is the CSV's.
+        daemon = start_daemon(tmp / "d2", provider.port, sink.port, synchronous)
+        procs.append(daemon)
+        mobiles = "".join(f"06{10_000_000 + i:08d};;client {i}\n" for i in range(csv_lines)).encode()
+        csv_mail = envoi_mail(secrets.token_hex(6), {}, {"mobiles.csv": mobiles,
+                              "message.csv": b"Bonjour [1], votre colis arrive demain"})  # fmt: skip
+        rows.append(fan_out(daemon, provider, f"mobiles.csv of {csv_lines} lines", csv_mail, csv_lines, raw))
+        daemon.stop()
+    finally:
+        for p in procs:
+            p.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return rows, raw
+
+
+def fan_out(daemon: Proc, provider: Proc, label: str, mail: bytes, expected: int, raw: dict[str, Any]) -> Row:
+    provider_reset(provider.port)
+    cpu0 = daemon.cpu_s()
+    start = time.time()
+    load(daemon.port, [mail], 1, False)
+    wait_until(lambda: provider_stats(provider.port)["messages"] >= expected, 600, label)
+    stats = provider_stats(provider.port)
+    wall = stats["last"] - start
+    cpu = daemon.cpu_s() - cpu0
+    raw[label] = {"wall": wall, "requests": stats["requests"], "cpu": cpu, "rss": daemon.peak_rss_mb()}
+    return Row(f"fan-out: {label}", f"{wall * 1000:.0f} ms", "",
+               f"{stats['requests']} HTTP request(s), daemon CPU {cpu * 1000:.0f} ms, "
+               f"peak RSS {daemon.peak_rss_mb():.0f} MB")  # fmt: skip
+
+
+def machine() -> str:
+    cpu = "?"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem = Path("/proc/meminfo").read_text().split()[1]
+    return (f"{os.cpu_count()} cores ({cpu}), {int(mem) // 1024 // 1024} GiB, "
+            f"Python {platform.python_version()}, {platform.system()} {platform.release()}")  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="CI smoke run: small counts")
+    parser.add_argument("--synchronous", default="full", choices=["full", "normal"])
+    parser.add_argument("--out", type=Path, help="also write the table (Markdown) here")
+    parser.add_argument("--json", type=Path, help="also write the raw figures here")
+    args = parser.parse_args()
+    rows, raw = run(args.quick, args.synchronous)
+    lines = [f"Machine: {machine()}", f"Store: SQLite WAL, synchronous={args.synchronous}", "",
+             "| measure | result | ratio to bare aiosmtpd | details |", "|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {r.what} | {r.value} | {r.ratio} | {r.note} |" for r in rows]
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        args.out.write_text(table + "\n")
+    if args.json:
+        args.json.write_text(json.dumps(raw, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
