@@ -274,6 +274,12 @@ def _decode_bytes(data: bytes, charset: str | None) -> tuple[str, str | None]:
         try:
             return data.decode(charset), None
         except Exception:  # LookupError, UnicodeError, "not a text encoding"...
+            pass
+        # A wrong label is read like no label: scripts often label UTF-8 as
+        # us-ascii, and valid UTF-8 is practically never meant as cp1252.
+        try:
+            return data.decode("utf-8"), f"charset {charset!r} wrong, read as utf-8"
+        except UnicodeDecodeError:
             note = f"charset {charset!r} unknown or wrong, read as windows-1252"
             return data.decode("cp1252", errors="replace"), note
     try:

@@ -5,12 +5,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# swaks (a real SMTP client used by end-to-end tests) and its TLS/AUTH modules.
-if ! command -v swaks >/dev/null 2>&1; then
+# Real peers for the end-to-end tests, installed with apt-get only when missing:
+# swaks (an SMTP client) and its TLS/AUTH modules; Postfix (the MTA in front of
+# mailbridge in tests/test_postfix.py), preseeded so that it installs
+# non-interactively with no system configuration (the test runs its own).
+missing=()
+command -v swaks >/dev/null 2>&1 ||
+  missing+=(swaks libnet-ssleay-perl libio-socket-ssl-perl libauthen-sasl-perl)
+[ -x /usr/sbin/postfix ] || command -v postfix >/dev/null 2>&1 || missing+=(postfix)
+if [ ${#missing[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  echo "postfix postfix/main_mailer_type select No configuration" | $SUDO debconf-set-selections
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-    swaks libnet-ssleay-perl libio-socket-ssl-perl libauthen-sasl-perl >/dev/null
+    "${missing[@]}" >/dev/null
 fi
 
 python3 -m venv .venv
