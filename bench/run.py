@@ -124,14 +124,27 @@ def start_daemon(tmp: Path, provider_port: int, sink_port: int, synchronous: str
     config = {
         "smtp": {"listen": "127.0.0.1:0", "recipients": [INTAKE], "max_message_bytes": 20_000_000},
         "store": {"sqlite": str(tmp / "mailbridge.db"), "synchronous": synchronous},
-        "reports": {"from": "mailbridge@bridge.test", "smtp": {"host": "127.0.0.1", "port": sink_port}},
+        "reports": {
+            "from": "mailbridge@bridge.test",
+            "smtp": {"host": "127.0.0.1", "port": sink_port},
+        },
         "providers": {
-            "cm": {"type": "cm", "url": f"http://127.0.0.1:{provider_port}/v1.0/message",
-                   "product_token": "00000000-0000-0000-0000-000000000000"},
+            "cm": {
+                "type": "cm",
+                "url": f"http://127.0.0.1:{provider_port}/v1.0/message",
+                "product_token": "00000000-0000-0000-0000-000000000000",
+            },
         },  # fmt: skip
         "accounts": [
-            {"keyid": KEYID, "name": "bench", "sender_domains": ["client.test"], "provider": "cm",
-             "default_sender": "Bench", "commercial": False, "countries": None}
+            {
+                "keyid": KEYID,
+                "name": "bench",
+                "sender_domains": ["client.test"],
+                "provider": "cm",
+                "default_sender": "Bench",
+                "commercial": False,
+                "countries": None,
+            }
         ],  # fmt: skip
         "log_level": "WARNING",
     }
@@ -168,7 +181,9 @@ def provider_reset(port: int) -> None:
 # -- messages ------------------------------------------------------------------
 
 
-def envoi_mail(email_id: str, fields: dict[str, str], attachments: dict[str, bytes] | None = None) -> bytes:
+def envoi_mail(
+    email_id: str, fields: dict[str, str], attachments: dict[str, bytes] | None = None
+) -> bytes:
     body = "<envoi>\n" + "".join(
         f"<{k}>{v}</{k}>\n"
         for k, v in {"keyid": KEYID, **fields, "emailId": email_id,
@@ -276,7 +291,11 @@ def run(quick: bool, synchronous: str) -> tuple[list[Row], dict[str, Any]]:
             start = time.time()
             r = load(daemon.port, mails, conns, reuse)
             ratio = r.rate / limits[(conns, reuse)]
-            raw[f"intake_{conns}_{reuse}"] = {"rate": r.rate, "p50": r.percentile(50), "p99": r.percentile(99)}
+            raw[f"intake_{conns}_{reuse}"] = {
+                "rate": r.rate,
+                "p50": r.percentile(50),
+                "p99": r.percentile(99),
+            }
             rows.append(Row(f"mailbridge intake, {conns} conn, {'reused' if reuse else 'new'}",
                             f"{r.rate:.0f} msg/s", f"{ratio:.2f}",
                             f"p50 {fmt_ms(r.percentile(50))}, p99 {fmt_ms(r.percentile(99))}"))  # fmt: skip
@@ -297,21 +316,32 @@ def run(quick: bool, synchronous: str) -> tuple[list[Row], dict[str, Any]]:
                         f"250→Not p50 {fmt_ms(raw['e2e']['p50'])}, p99 {fmt_ms(raw['e2e']['p99'])}"))  # fmt: skip
 
         numbers = [f"06{10_000_000 + i:08d}" for i in range(500)]
-        same = {f"num{i + 1}": num for i, num in enumerate(numbers)} | {"sms": "Promo -10% ce week-end"}
+        same = {f"num{i + 1}": num for i, num in enumerate(numbers)} | {
+            "sms": "Promo -10% ce week-end"
+        }
         personal = {f"num{i + 1}": num for i, num in enumerate(numbers)} | {
             f"sms{i + 1}": f"Bonjour client {i}, votre code est {1000 + i}" for i in range(500)
         }
-        for label, fields in (("500 numbers, one text", same), ("500 numbers, personal texts", personal)):
-            rows.append(fan_out(daemon, provider, label, envoi_mail(secrets.token_hex(6), fields), 500, raw))
+        for label, fields in (
+            ("500 numbers, one text", same),
+            ("500 numbers, personal texts", personal),
+        ):
+            rows.append(
+                fan_out(daemon, provider, label, envoi_mail(secrets.token_hex(6), fields), 500, raw)
+            )
         daemon.stop()
 
         # A fresh daemon so that its peak RSS is the CSV's.
         daemon = start_daemon(tmp / "d2", provider.port, sink.port, synchronous)
         procs.append(daemon)
-        mobiles = "".join(f"06{10_000_000 + i:08d};;client {i}\n" for i in range(csv_lines)).encode()
+        mobiles = "".join(
+            f"06{10_000_000 + i:08d};;client {i}\n" for i in range(csv_lines)
+        ).encode()
         csv_mail = envoi_mail(secrets.token_hex(6), {}, {"mobiles.csv": mobiles,
                               "message.csv": b"Bonjour [1], votre colis arrive demain"})  # fmt: skip
-        rows.append(fan_out(daemon, provider, f"mobiles.csv of {csv_lines} lines", csv_mail, csv_lines, raw))
+        rows.append(
+            fan_out(daemon, provider, f"mobiles.csv of {csv_lines} lines", csv_mail, csv_lines, raw)
+        )
         daemon.stop()
     finally:
         for p in procs:
@@ -320,7 +350,9 @@ def run(quick: bool, synchronous: str) -> tuple[list[Row], dict[str, Any]]:
     return rows, raw
 
 
-def fan_out(daemon: Proc, provider: Proc, label: str, mail: bytes, expected: int, raw: dict[str, Any]) -> Row:
+def fan_out(
+    daemon: Proc, provider: Proc, label: str, mail: bytes, expected: int, raw: dict[str, Any]
+) -> Row:
     provider_reset(provider.port)
     cpu0 = daemon.cpu_s()
     start = time.time()
@@ -329,7 +361,12 @@ def fan_out(daemon: Proc, provider: Proc, label: str, mail: bytes, expected: int
     stats = provider_stats(provider.port)
     wall = stats["last"] - start
     cpu = daemon.cpu_s() - cpu0
-    raw[label] = {"wall": wall, "requests": stats["requests"], "cpu": cpu, "rss": daemon.peak_rss_mb()}
+    raw[label] = {
+        "wall": wall,
+        "requests": stats["requests"],
+        "cpu": cpu,
+        "rss": daemon.peak_rss_mb(),
+    }
     return Row(f"fan-out: {label}", f"{wall * 1000:.0f} ms", "",
                f"{stats['requests']} HTTP request(s), daemon CPU {cpu * 1000:.0f} ms, "
                f"peak RSS {daemon.peak_rss_mb():.0f} MB")  # fmt: skip

@@ -18,11 +18,13 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from mailbridge.auth import auth_config_problems
 from mailbridge.checks import AccountRules
 from mailbridge.clock import Clock, SystemClock
-from mailbridge.config import Config, parse_hostport
+from mailbridge.config import Config, ConfigError, parse_hostport
 from mailbridge.dispatch import Dispatcher
-from mailbridge.intake import IntakeHandler, IntakeSMTP
+from mailbridge.intake import COMMAND_LIMITS, IntakeHandler, IntakeSMTP
+from mailbridge.limits import ConnectionGate
 from mailbridge.mailer import Mailer, ReportSink, make_sink
 from mailbridge.numbers import normalise_blacklist
 from mailbridge.providers import Provider, build_provider
@@ -51,10 +53,13 @@ def build_rules(config: Config) -> dict[str, AccountRules]:
 
 
 def tls_context(config: Config) -> ssl.SSLContext | None:
+    """The server side of STARTTLS: our certificate, TLS 1.2 or newer, no client
+    certificates asked for (clients authenticate with AUTH, per account)."""
     tls = config.smtp.tls
     if tls is None:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(str(tls.cert), str(tls.key))
     return context
 
@@ -122,15 +127,18 @@ class Daemon:
     async def _listen(self, handler: IntakeHandler) -> None:
         smtp = self.config.smtp
         host, port = parse_hostport(smtp.listen)
+        problems = auth_config_problems(self.config)
+        if problems:
+            raise ConfigError("config", problems)
         context = tls_context(self.config)
-        connections = [0]
+        gate = ConnectionGate(smtp.max_connections, smtp.max_connections_per_ip)
+        authenticator = handler.authenticator()
         loop = asyncio.get_running_loop()
 
         def protocol() -> IntakeSMTP:
             return IntakeSMTP(
                 handler,
-                connections,
-                smtp.max_connections,
+                gate,
                 data_size_limit=smtp.max_message_bytes,
                 enable_SMTPUTF8=True,
                 hostname=smtp.hostname,
@@ -138,6 +146,9 @@ class Daemon:
                 timeout=smtp.timeout_s,
                 tls_context=context,
                 require_starttls=bool(smtp.tls and smtp.tls.required),
+                authenticator=authenticator,
+                auth_require_tls=True,  # AUTH is neither offered nor accepted before STARTTLS
+                command_call_limit=COMMAND_LIMITS,
                 loop=loop,
             )
 

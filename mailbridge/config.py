@@ -57,9 +57,33 @@ class _Model(BaseModel):
 
 
 class TlsConfig(_Model):
-    cert: ConfigPath
-    key: ConfigPath
+    """STARTTLS for the intake (docs/security.md). The files are loaded here, at
+    check time, so that a bad path or a key that does not match the certificate
+    stops the daemon at start with a message naming the key."""
+
+    cert: ConfigPath  # PEM certificate chain, the server's certificate first
+    key: ConfigPath  # PEM private key (keep it mode 0600, readable by the daemon only)
+    # true: every command but EHLO/NOOP/STARTTLS/QUIT before STARTTLS gets 530 5.7.0.
     required: bool = False
+
+    @model_validator(mode="after")
+    def _loadable(self) -> TlsConfig:
+        import ssl
+
+        for name in ("cert", "key"):
+            try:
+                getattr(self, name).read_bytes()
+            except OSError as err:
+                raise ValueError(
+                    f"{name}: cannot read {getattr(self, name)}: {err.strerror}"
+                ) from None
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                str(self.cert), str(self.key)
+            )
+        except (ssl.SSLError, ValueError) as err:
+            raise ValueError(f"cert/key: not a matching PEM certificate and key ({err})") from None
+        return self
 
 
 class SmtpConfig(_Model):
@@ -67,8 +91,25 @@ class SmtpConfig(_Model):
     recipients: list[str] = Field(default_factory=lambda: ["sendsms@localhost"], min_length=1)
     max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, gt=0)
     hostname: str | None = None  # the name in the greeting; default: the machine's FQDN
-    timeout_s: float = Field(300.0, gt=0)  # idle time before a client is dropped
+    # Seconds a client may stay silent between commands, and the most the whole
+    # DATA transfer may take; then 421 4.4.2 and the connection is closed.
+    timeout_s: float = Field(300.0, gt=0)
+    # Connections at once, in all and from one client address (an IPv6 /64 counts
+    # as one address); more get 421 4.7.0 and are closed. Behind an MTA on this
+    # host every connection comes from 127.0.0.1: the per-address limit is then
+    # the MTA's concurrency (Postfix uses up to 20 per destination).
     max_connections: int = Field(200, gt=0)
+    max_connections_per_ip: int = Field(50, gt=0)
+    # Rate limits, per rate_window_s, as token buckets in memory (the limit at
+    # once, then one more every rate_window_s / limit seconds). ip_rate_limit:
+    # messages (MAIL commands) from one client address; past it MAIL gets
+    # 450 4.7.1 so that the client's MTA retries later (0: no limit). Behind
+    # an MTA on this host, raise it or set 0 and let the MTA limit its clients.
+    rate_window_s: float = Field(60.0, gt=0)
+    ip_rate_limit: int = Field(600, ge=0)
+    # Failed AUTH from one client address; past it AUTH gets 454 4.7.0, even with
+    # the right password, until the window allows again (credential stuffing).
+    auth_failure_limit: int = Field(10, ge=1)
     tls: TlsConfig | None = None
 
     @field_validator("listen")
@@ -95,6 +136,9 @@ class StoreConfig(_Model):
     # How long a write waits for a lock held by another process before the
     # intake answers 451 (the client retries later).
     busy_timeout_s: float = Field(5.0, gt=0)
+    # Cap on the database file (SQLite max_page_count); past it the intake answers
+    # 451 (the client retries) instead of filling the disk. None: no cap.
+    max_size_mb: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _one_backend(self) -> StoreConfig:
@@ -197,12 +241,21 @@ IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class AccountConfig(_Model):
-    keyid: str = Field(min_length=1)
-    name: str | None = None  # for logs; default: the first characters of keyid
+    # The secret clients put in <keyid>: compared in constant time, never logged
+    # (repr=False keeps it out of any repr of the config).
+    keyid: str = Field(min_length=1, repr=False)
+    # For logs, and the SMTP AUTH user name; default: a fingerprint of the keyid.
+    name: str | None = None
     sender_domains: list[str] = Field(default_factory=list)
     sender_addresses: list[str] = Field(default_factory=list)
     allowed_ips: list[IpNetwork] | None = None
-    smtp_password: str | None = None
+    # SMTP AUTH (PLAIN/LOGIN, only after STARTTLS) as user `name`. When set, this
+    # account only takes requests from sessions authenticated as it: others get
+    # 530 5.7.0. At least 12 characters; put it in the environment: "${VAR}".
+    smtp_password: str | None = Field(None, repr=False)
+    # Messages accepted for this account per smtp.rate_window_s; past it the end
+    # of DATA gets 450 4.7.1 (nothing stored, the client's MTA retries). None: no limit.
+    rate_limit: int | None = Field(None, ge=1)
     provider: str | None = None
     routes: list[RouteConfig] | None = None
     default_sender: str | None = None
@@ -286,10 +339,19 @@ class AccountConfig(_Model):
                 ) from None
         return v
 
+    @field_validator("smtp_password")
+    @classmethod
+    def _password(cls, v: str | None) -> str | None:
+        if v is not None and len(v) < 12:
+            raise ValueError("at least 12 characters (e.g. `openssl rand -base64 18`)")
+        return v
+
     @model_validator(mode="after")
     def _consistent(self) -> AccountConfig:
         if not self.sender_domains and not self.sender_addresses:
             raise ValueError("set sender_domains and/or sender_addresses (who may send)")
+        if self.smtp_password is not None and not (self.name and self.name.strip()):
+            raise ValueError("an account with smtp_password needs a name (the AUTH user name)")
         if (self.provider is None) == (self.routes is None):
             raise ValueError("set exactly one of provider or routes")
         if self.commercial and not self.stop_number:
@@ -298,8 +360,10 @@ class AccountConfig(_Model):
 
     @property
     def label(self) -> str:
-        """A name for logs that never reveals the whole key."""
-        return self.name or f"{self.keyid[:4]}…"
+        """A name for logs that reveals nothing of the key: `name`, else a hash of it."""
+        import hashlib
+
+        return self.name or "key-" + hashlib.sha256(self.keyid.encode()).hexdigest()[:8]
 
 
 class DispatchConfig(_Model):

@@ -183,7 +183,13 @@ class Dispatcher:
         else:
             log.exception("request %d: unexpected error (attempt %d)", claimed.id, attempts)
         try:
-            if attempts >= self.config.max_attempts and not isinstance(err, StoreUnavailable):
+            if isinstance(err, StoreUnavailable):
+                # The store failed (disk full, locked), not this request: retry at a
+                # steady pace without counting an attempt, so that the work resumes
+                # soon after the store does, however long the outage lasted.
+                due = self.clock.time() + backoff(self.config.provider_wait_s, 1)
+                await self.store.release_request(claimed.id, due, str(err)[:500], False)
+            elif attempts >= self.config.max_attempts:
                 await self.store.quarantine(claimed.id, f"{type(err).__name__}: {err}")
                 log.error("request %d: quarantined after %d attempts", claimed.id, attempts)
             else:

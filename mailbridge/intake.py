@@ -7,6 +7,16 @@ Input: an SMTP dialogue. Output: a request durably in the store, answered
 - no/unknown keyid, sender or client IP refused  -> 550 5.7.1, and no report (no backscatter)
 - invalid request and no emailAck to tell        -> 550 5.6.0
 - store unavailable                              -> 451 4.3.0 (the client retries)
+Access control and limits (docs/security.md):
+- null sender <> at MAIL (a bounce or a report)  -> 550 5.7.1
+- too many connections, in all or from one IP    -> 421 4.7.0 and closed
+- silent for smtp.timeout_s, or DATA too slow    -> 421 4.4.2 and closed
+- too many MAIL from one client address          -> 450 4.7.1 at MAIL (retry later)
+- too many messages for one account              -> 450 4.7.1 at end of DATA, nothing stored
+- smtp.tls.required and no STARTTLS yet          -> 530 5.7.0
+- account with smtp_password, session not
+  authenticated as it                            -> 530 5.7.0 (550 5.7.1 if authenticated
+                                                    as another account)
 Parsing and checks run inside DATA, on a worker thread so that one large
 email does not stall the other connections.
 """
@@ -21,13 +31,15 @@ from dataclasses import dataclass
 from email.utils import parseaddr
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
 
+from mailbridge.auth import Authenticator, IntakeSession, session_account
 from mailbridge.checks import AccountRules, CheckedRequest, check_request
 from mailbridge.clock import Clock
 from mailbridge.codes import Ack
 from mailbridge.config import AccountConfig, Config, find_account
 from mailbridge.envoi import Envoi, EnvoiFormatError, parse_envoi
+from mailbridge.limits import ConnectionGate, IntakeLimits, RateLimiter, client_key
 from mailbridge.mime import MailContent, read_mail
 from mailbridge.model import NewRequest
 from mailbridge.store import Store, StoreUnavailable
@@ -47,6 +59,24 @@ REPLY_SENDER_UNKNOWN = "550 5.7.1 Sender <{}> is not allowed to send SMS request
 REPLY_IP = "550 5.7.1 Request refused: client address {} is not allowed for this account"
 REPLY_INVALID_NO_ACK = "550 5.6.0 Request not processed ({}) and no <emailAck> to report to"
 REPLY_TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, try again later"
+REPLY_TOO_MANY_FROM_IP = "421 4.7.0 Too many connections from your address, try again later"
+REPLY_TIMEOUT = "421 4.4.2 {} Error: timeout exceeded"
+REPLY_STARTTLS_FIRST = "530 5.7.0 Must issue a STARTTLS command first"
+REPLY_NULL_SENDER = (
+    "550 5.7.1 Null sender <> refused: this address takes SMS requests, not bounces or reports"
+)
+REPLY_IP_RATE = "450 4.7.1 Too much mail from {}, try again later"
+REPLY_ACCOUNT_RATE = "450 4.7.1 Too many messages for this account, try again later"
+REPLY_AUTH_REQUIRED = "530 5.7.0 Authentication required for this account"
+REPLY_SENDER_NOT_AUTHED = "550 5.7.1 Sender <{}> is not allowed for the authenticated account"
+REPLY_OTHER_ACCOUNT = "550 5.7.1 Request refused: the session is authenticated as another account"
+# Per-connection command budgets (aiosmtpd's command_call_limit; past one: 421
+# 4.7.0 and closed). They stop a client that keeps a slot with NOOPs or probes
+# with VRFY, without limiting real mail: "*" (MAIL, RCPT, DATA, RSET…) is high.
+COMMAND_LIMITS = {
+    "NOOP": 100, "HELP": 10, "VRFY": 10, "EXPN": 10, "EHLO": 20, "HELO": 20,
+    "STARTTLS": 2, "AUTH": 10, "*": 10_000,
+}  # fmt: skip
 # Auto-Submitted values that still make a normal request (RFC 3834: cron, ERPs).
 NORMAL_AUTO_SUBMITTED = (None, "no", "auto-generated")
 
@@ -69,33 +99,67 @@ class Examined:
 
 
 class IntakeSMTP(SMTP):
-    """aiosmtpd's SMTP with our size replies and a connection limit."""
+    """aiosmtpd's SMTP with our replies, a connection gate and a timeout reply.
 
-    def __init__(self, handler: IntakeHandler, connections: list[int], limit: int, **kw: Any):
+    The gate counts a connection once, when it is let in: after STARTTLS,
+    aiosmtpd calls connection_made a second time, for the TLS layer (counting
+    that call leaked one slot per TLS session). The release is idempotent, as
+    aiosmtpd also calls connection_lost itself after a failed TLS handshake.
+    """
+
+    def __init__(self, handler: IntakeHandler, gate: ConnectionGate, **kw: Any):
         super().__init__(handler, **kw)
-        self._connections = connections  # shared one-element counter
-        self._limit = limit
-        self._over_limit = False
+        self._gate = gate
+        self._gate_key: str | None = None  # set while this connection holds a slot
+        self._turned_away = False
+
+    def _create_session(self) -> Session:
+        return IntakeSession(self.loop)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._connections[0] += 1
-        if self._connections[0] > self._limit:
-            self._over_limit = True
-            assert isinstance(transport, asyncio.WriteTransport)
-            transport.write(f"{REPLY_TOO_MANY_CONNECTIONS}\r\n".encode())
-            transport.close()
-            return
+        if self._gate_key is None:
+            key = client_key(transport.get_extra_info("peername"))
+            refused = self._gate.admit(key)
+            if refused is not None:
+                self._turned_away = True
+                reply = REPLY_TOO_MANY_CONNECTIONS if refused == "total" else REPLY_TOO_MANY_FROM_IP
+                assert isinstance(transport, asyncio.WriteTransport)
+                transport.write(f"{reply}\r\n".encode())
+                transport.close()
+                return
+            self._gate_key = key
         super().connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._connections[0] -= 1
-        if not self._over_limit:
-            super().connection_lost(exc)
+        if self._turned_away:
+            return
+        if self._gate_key is not None:
+            self._gate.release(self._gate_key)
+            self._gate_key = None
+        super().connection_lost(exc)
+
+    def eof_received(self) -> bool | None:
+        if self._turned_away:
+            return False
+        return super().eof_received()
+
+    def _timeout_cb(self) -> None:
+        # aiosmtpd just closes; say why first, as Postfix does (RFC 5321 4.2.2).
+        if isinstance(self.transport, asyncio.WriteTransport):
+            self.transport.write(f"{REPLY_TIMEOUT.format(self.hostname)}\r\n".encode())
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
+
+    def restart_timer(self) -> None:
+        """Restart the idle timer: the client is not charged for our processing."""
+        self._reset_timeout()
 
     async def push(self, status: Any) -> None:
-        # aiosmtpd words its size refusals itself; SPEC wants 552 5.3.4.
+        # aiosmtpd words some replies itself; SPEC wants 552 5.3.4, and RFC 3207
+        # an enhanced status code with the 530.
         if isinstance(status, str) and status.startswith("552 Error"):
             status = REPLY_TOO_BIG.format(self.data_size_limit)
+        elif status == "530 Must issue a STARTTLS command first":
+            status = REPLY_STARTTLS_FIRST
         await super().push(status)
 
 
@@ -127,15 +191,37 @@ class IntakeHandler:
         store: Store,
         clock: Clock,
         on_stored: Callable[[], None],
+        limits: IntakeLimits | None = None,
     ) -> None:
         self.config = config
         self.rules = rules  # keyid -> rules
         self.store = store
         self.clock = clock
         self.on_stored = on_stored  # wakes the dispatcher and the mailer
+        # Rate limiters: the composition root may pass its own; by default they
+        # are built from the config, on the injected clock.
+        self.limits = limits or IntakeLimits.from_config(config, clock)
+        # One "over the limit" log line per client and window, not one per refusal.
+        self._log_gate = RateLimiter(1, config.smtp.rate_window_s, clock)
         self.recipients = frozenset(config.smtp.recipients)
-        self._sender_domains = {d for a in config.accounts for d in a.sender_domains}
-        self._sender_addresses = {x for a in config.accounts for x in a.sender_addresses}
+        # Sender address or domain -> the accounts that allow it (MAIL looks here).
+        self._senders: dict[str, list[AccountConfig]] = {}
+        for account in config.accounts:
+            for allowed in {*account.sender_addresses, *account.sender_domains}:
+                self._senders.setdefault(allowed, []).append(account)
+
+    def authenticator(self) -> Authenticator:
+        """The AUTH checker for the SMTP sessions, sharing this intake's limits."""
+        return Authenticator(self.config.accounts, self.limits.auth_failures, self._log_gate)
+
+    async def handle_exception(self, error: Exception) -> str:
+        """aiosmtpd's default, but a failed TLS handshake (any client can cause
+        one) is one log line, not a traceback; aiosmtpd then closes the connection."""
+        if isinstance(error, TLSSetupException):
+            log.info("TLS handshake failed: %s", error.__cause__ or error)
+            return "421 4.7.0 TLS handshake failed"
+        log.exception("SMTP session error")
+        return f"500 Error: ({error.__class__.__name__}) {error}"
 
     # -- envelope --------------------------------------------------------
 
@@ -147,10 +233,27 @@ class IntakeHandler:
         address: str,
         mail_options: list[str],
     ) -> str:
+        ip = client_key(session.peer)
+        # Every transaction counts, refused ones too: guessing costs budget.
+        if not self.limits.per_ip.allow(ip):
+            if self._log_gate.allow("mail " + ip):
+                log.warning("rate limit: too much mail from %s; MAIL answered 450", ip)
+            return REPLY_IP_RATE.format(ip)
+        if address in ("<>", ""):
+            # Bounces and automatic reports: never a request, never answered.
+            log.info("refused null sender from %s", session.peer)
+            return REPLY_NULL_SENDER
         low = address.lower()
-        if low not in self._sender_addresses and low.rpartition("@")[2] not in self._sender_domains:
+        accounts = self._senders.get(low, []) + self._senders.get(low.rpartition("@")[2], [])
+        if not accounts:
             log.info("refused MAIL FROM <%s> from %s: no account allows it", address, session.peer)
             return REPLY_SENDER_UNKNOWN.format(address)
+        authed = session_account(session)
+        if authed is not None and not any(a is authed for a in accounts):
+            log.info("refused MAIL FROM <%s> for %s: not its sender", address, authed.label)
+            return REPLY_SENDER_NOT_AUTHED.format(address)
+        if authed is None and all(a.smtp_password is not None for a in accounts):
+            return REPLY_AUTH_REQUIRED  # every account of this sender needs AUTH
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Ok"
@@ -172,18 +275,29 @@ class IntakeHandler:
     # -- the message -----------------------------------------------------
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if isinstance(server, IntakeSMTP):
+            server.restart_timer()  # timeout_s bounds the transfer, not our work
         raw = envelope.original_content or b""
         mail_from = envelope.mail_from or ""
         peer = session.peer
         client_ip = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+        authed = session_account(session)
         try:
-            examined = await asyncio.to_thread(self.examine, raw, mail_from, peer, client_ip)
+            examined = await asyncio.to_thread(
+                self.examine, raw, mail_from, peer, client_ip, authed
+            )
         except Refused as refusal:
             log.info("refused mail from <%s> at %s: %s", mail_from, client_ip, refusal.reply)
             return refusal.reply
         if examined is None:
             log.info("ignored automatic reply from <%s> at %s", mail_from, client_ip)
             return REPLY_AUTO_IGNORED
+        # After the checks, so that only messages the account really sends count.
+        if not self.limits.account_allows(examined.account.keyid):
+            if self._log_gate.allow("account " + examined.account.label):
+                log.warning("rate limit: account %s over its rate_limit; DATA answered 450",
+                            examined.account.label)  # fmt: skip
+            return REPLY_ACCOUNT_RATE
         try:
             admission = await self.store.add_request(examined.request)
         except StoreUnavailable as err:
@@ -205,11 +319,18 @@ class IntakeHandler:
             "" if req.due_at <= req.received_at else f"; held until {ex.checked.due_at}",
         )  # fmt: skip
 
-    def examine(self, raw: bytes, mail_from: str, peer: Any, client_ip: str) -> Examined | None:
+    def examine(
+        self,
+        raw: bytes,
+        mail_from: str,
+        peer: Any,
+        client_ip: str,
+        authed: AccountConfig | None = None,
+    ) -> Examined | None:
         """Parse and check one email (runs on a worker thread; pure but for the clock).
 
-        Returns None for an automatic reply to ignore; raises Refused for a
-        refusal in the dialogue.
+        `authed` is the account the session authenticated as. Returns None for
+        an automatic reply to ignore; raises Refused for a refusal in the dialogue.
         """
         content = read_mail(raw)
         if content.auto_submitted not in NORMAL_AUTO_SUBMITTED:
@@ -222,6 +343,12 @@ class IntakeHandler:
         if rules is None:
             raise Refused(REPLY_UNKNOWN_KEYID)
         account = rules.account
+        # AUTH binds the session to one account, and an account with a password
+        # takes nothing but its own authenticated sessions (docs/security.md).
+        if authed is None and account.smtp_password is not None:
+            raise Refused(REPLY_AUTH_REQUIRED)
+        if authed is not None and authed is not account:
+            raise Refused(REPLY_OTHER_ACCOUNT)
         if not _address_allowed(mail_from, account):
             raise Refused(REPLY_SENDER.format(mail_from))
         if not content.from_addresses:

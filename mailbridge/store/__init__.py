@@ -115,6 +115,9 @@ def open_store(config: StoreConfig) -> Store:
         from mailbridge.store.sqlite import SqliteStore
 
         return SqliteStore(
-            config.sqlite, synchronous=config.synchronous, busy_timeout_s=config.busy_timeout_s
+            config.sqlite,
+            synchronous=config.synchronous,
+            busy_timeout_s=config.busy_timeout_s,
+            max_size_mb=config.max_size_mb,
         )
     raise StoreUnavailable("store.postgresql is not implemented yet; use store.sqlite")

@@ -5,11 +5,14 @@ lock contention, and the event loop never blocks on disk. `synchronous=FULL`
 (the default) fsyncs the WAL at each commit: a 250 survives power loss.
 SQLite errors that mean "cannot write now" (disk full, I/O error, locked past
 the busy timeout) become `StoreUnavailable`, which intake answers with 451.
+`max_size_mb` caps the file (`PRAGMA max_page_count`): past it SQLite raises
+its real SQLITE_FULL, exactly as on a full disk.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -28,6 +31,7 @@ from mailbridge.model import (
 )
 from mailbridge.store import StoreUnavailable
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 SCHEMA_VERSION = 1
 
@@ -103,11 +107,17 @@ class SqliteStore:
     """The default store backend. Construct, then `await open()`."""
 
     def __init__(
-        self, path: Path, *, synchronous: str = "full", busy_timeout_s: float = 5.0
+        self,
+        path: Path,
+        *,
+        synchronous: str = "full",
+        busy_timeout_s: float = 5.0,
+        max_size_mb: float | None = None,
     ) -> None:
         self.path = path
         self.synchronous = synchronous.upper()
         self.busy_timeout_s = busy_timeout_s
+        self.max_size_mb = max_size_mb
         self.instance_id = ""
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
         self._db: sqlite3.Connection | None = None
@@ -135,10 +145,17 @@ class SqliteStore:
         db.execute("BEGIN IMMEDIATE")
         try:
             result = fn(db)
+            db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            # SQLITE_FULL, IOERR and NOMEM roll the transaction back themselves: a
+            # second ROLLBACK would fail and hide the real error. A failed COMMIT
+            # may leave it open: close it, or every later BEGIN would fail.
+            if db.in_transaction:
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error as err:
+                    log.error("sqlite: rollback failed: %s", err)
             raise
-        db.execute("COMMIT")
         return result
 
     def _open(self) -> None:
@@ -148,6 +165,16 @@ class SqliteStore:
         )
         db.execute("PRAGMA journal_mode = WAL")
         db.execute(f"PRAGMA synchronous = {self.synchronous}")
+        if self.max_size_mb is not None:
+            page_size = int(db.execute("PRAGMA page_size").fetchone()[0])
+            wanted = max(1, int(self.max_size_mb * 1024 * 1024) // page_size)
+            # SQLite never sets the cap below the current size: it can only stop growth.
+            pages = int(db.execute(f"PRAGMA max_page_count = {wanted}").fetchone()[0])
+            if pages > wanted:
+                log.warning(
+                    "store: %s is already %.1f MB, over store.max_size_mb %.1f: it will not grow",
+                    self.path, pages * page_size / 2**20, self.max_size_mb,
+                )  # fmt: skip
         self._db = db
         db.executescript(SCHEMA)
 
@@ -469,11 +496,19 @@ class SqliteStore:
                 " AND state = 'pending' ORDER BY id DESC LIMIT 5"
             )
         ]
+        page_size = int(db.execute("PRAGMA page_size").fetchone()[0])
+        pages = int(db.execute("PRAGMA page_count").fetchone()[0])
+        cap = int(db.execute("PRAGMA max_page_count").fetchone()[0])
         return {
             "requests": requests,
             "recipients_pending": pending,
             "reports": reports,
             "last_errors": errors,
+            # Watch this against store.max_size_mb and the free disk space.
+            "database": {
+                "bytes": pages * page_size,
+                "max_bytes": cap * page_size if self.max_size_mb is not None else None,
+            },
         }
 
     async def status(self, now: float) -> dict[str, object]:
