@@ -134,7 +134,7 @@ def start_daemon(tmp: Path, provider_port: int, sink_port: int, synchronous: str
                 "url": f"http://127.0.0.1:{provider_port}/v1.0/message",
                 "product_token": "00000000-0000-0000-0000-000000000000",
             },
-        },  # fmt: skip
+        },
         "accounts": [
             {
                 "keyid": KEYID,
@@ -145,7 +145,7 @@ def start_daemon(tmp: Path, provider_port: int, sink_port: int, synchronous: str
                 "commercial": False,
                 "countries": None,
             }
-        ],  # fmt: skip
+        ],
         "log_level": "WARNING",
     }
     tmp.mkdir(parents=True, exist_ok=True)
@@ -184,11 +184,20 @@ def provider_reset(port: int) -> None:
 def envoi_mail(
     email_id: str, fields: dict[str, str], attachments: dict[str, bytes] | None = None
 ) -> bytes:
-    body = "<envoi>\n" + "".join(
-        f"<{k}>{v}</{k}>\n"
-        for k, v in {"keyid": KEYID, **fields, "emailId": email_id,
-                     "emailAck": "ack@client.test", "emailNot": "not@client.test"}.items()
-    ) + "</envoi>\n"  # fmt: skip
+    body = (
+        "<envoi>\n"
+        + "".join(
+            f"<{k}>{v}</{k}>\n"
+            for k, v in {
+                "keyid": KEYID,
+                **fields,
+                "emailId": email_id,
+                "emailAck": "ack@client.test",
+                "emailNot": "not@client.test",
+            }.items()
+        )
+        + "</envoi>\n"
+    )
     msg = EmailMessage()
     msg["From"], msg["To"], msg["Subject"] = SENDER, INTAKE, f"sms {email_id}"
     msg.set_content(body)
@@ -199,15 +208,18 @@ def envoi_mail(
 
 def single_mails(n: int, tag: str) -> tuple[list[bytes], list[str]]:
     ids = [f"{tag}-{i}-{secrets.token_hex(3)}" for i in range(n)]
-    return [envoi_mail(e, {"num": f"06{10_000_000 + i % 90_000_000:08d}", "sms": "Votre code: 4821"})
-            for i, e in enumerate(ids)], ids  # fmt: skip
+    return [
+        envoi_mail(e, {"num": f"06{10_000_000 + i % 90_000_000:08d}", "sms": "Votre code: 4821"})
+        for i, e in enumerate(ids)
+    ], ids
 
 
 def load(port: int, mails: list[bytes], conns: int, reuse: bool) -> LoadResult:
     result = asyncio.run(
-        run_load("127.0.0.1", port, mails, concurrency=conns, reuse=reuse,
-                 mail_from=SENDER, rcpt=INTAKE)
-    )  # fmt: skip
+        run_load(
+            "127.0.0.1", port, mails, concurrency=conns, reuse=reuse, mail_from=SENDER, rcpt=INTAKE
+        )
+    )
     if result.errors:
         raise RuntimeError(f"{len(result.errors)} errors, first: {result.errors[0]}")
     return result
@@ -265,9 +277,14 @@ def run(quick: bool, synchronous: str) -> tuple[list[Row], dict[str, Any]]:
             mails, _ = single_mails(n, "bare")
             r = load(bare.port, mails, conns, reuse)
             limits[(conns, reuse)] = r.rate
-            rows.append(Row(f"bare aiosmtpd, {conns} conn, {'reused' if reuse else 'new'}",
-                            f"{r.rate:.0f} msg/s", "1.00",
-                            f"p50 {fmt_ms(r.percentile(50))}, p99 {fmt_ms(r.percentile(99))}"))  # fmt: skip
+            rows.append(
+                Row(
+                    f"bare aiosmtpd, {conns} conn, {'reused' if reuse else 'new'}",
+                    f"{r.rate:.0f} msg/s",
+                    "1.00",
+                    f"p50 {fmt_ms(r.percentile(50))}, p99 {fmt_ms(r.percentile(99))}",
+                )
+            )
         bare.stop()
         smtp_sink = start_smtp_sink()
         if smtp_sink is not None:
@@ -275,9 +292,14 @@ def run(quick: bool, synchronous: str) -> tuple[list[Row], dict[str, Any]]:
             for conns, reuse in scenarios:
                 mails, _ = single_mails(n, "sink")
                 r = load(smtp_sink.port, mails, conns, reuse)
-                rows.append(Row(f"Postfix smtp-sink, {conns} conn, {'reused' if reuse else 'new'}",
-                                f"{r.rate:.0f} msg/s", f"{r.rate / limits[(conns, reuse)]:.2f}",
-                                f"p50 {fmt_ms(r.percentile(50))}, p99 {fmt_ms(r.percentile(99))}"))  # fmt: skip
+                rows.append(
+                    Row(
+                        f"Postfix smtp-sink, {conns} conn, {'reused' if reuse else 'new'}",
+                        f"{r.rate:.0f} msg/s",
+                        f"{r.rate / limits[(conns, reuse)]:.2f}",
+                        f"p50 {fmt_ms(r.percentile(50))}, p99 {fmt_ms(r.percentile(99))}",
+                    )
+                )
             smtp_sink.stop()
         else:
             rows.append(Row("Postfix smtp-sink", "not installed", "", "apt-get install postfix"))
@@ -296,24 +318,40 @@ def run(quick: bool, synchronous: str) -> tuple[list[Row], dict[str, Any]]:
                 "p50": r.percentile(50),
                 "p99": r.percentile(99),
             }
-            rows.append(Row(f"mailbridge intake, {conns} conn, {'reused' if reuse else 'new'}",
-                            f"{r.rate:.0f} msg/s", f"{ratio:.2f}",
-                            f"p50 {fmt_ms(r.percentile(50))}, p99 {fmt_ms(r.percentile(99))}"))  # fmt: skip
+            rows.append(
+                Row(
+                    f"mailbridge intake, {conns} conn, {'reused' if reuse else 'new'}",
+                    f"{r.rate:.0f} msg/s",
+                    f"{ratio:.2f}",
+                    f"p50 {fmt_ms(r.percentile(50))}, p99 {fmt_ms(r.percentile(99))}",
+                )
+            )
             if (conns, reuse) == (20, True):
                 e2e, e2e_ids, e2e_start = r, ids, start
             # Let the pipeline drain before the next intake scenario.
-            wait_until(lambda ids=ids: all(f"etatNot {e}" in sink_arrivals(sink_log) for e in ids),
-                       600, "the Nots of an intake scenario")  # fmt: skip
+            wait_until(
+                lambda ids=ids: all(f"etatNot {e}" in sink_arrivals(sink_log) for e in ids),
+                600,
+                "the Nots of an intake scenario",
+            )
         assert e2e is not None
         arrivals = sink_arrivals(sink_log)
         nots = [arrivals[f"etatNot {e}"] for e in e2e_ids]
         latencies = sorted(arrivals[f"etatNot {e}"] - e2e.done_at[i] for i, e in enumerate(e2e_ids))
         e2e_rate = len(e2e_ids) / (max(nots) - e2e_start)
-        raw["e2e"] = {"rate": e2e_rate, "p50": latencies[len(latencies) // 2],
-                      "p99": latencies[int(0.99 * (len(latencies) - 1))]}  # fmt: skip
-        rows.append(Row("mailbridge end to end (20 conn, reused)", f"{e2e_rate:.0f} emails/s",
-                        f"{e2e_rate / limits[(20, True)]:.2f}",
-                        f"250→Not p50 {fmt_ms(raw['e2e']['p50'])}, p99 {fmt_ms(raw['e2e']['p99'])}"))  # fmt: skip
+        raw["e2e"] = {
+            "rate": e2e_rate,
+            "p50": latencies[len(latencies) // 2],
+            "p99": latencies[int(0.99 * (len(latencies) - 1))],
+        }
+        rows.append(
+            Row(
+                "mailbridge end to end (20 conn, reused)",
+                f"{e2e_rate:.0f} emails/s",
+                f"{e2e_rate / limits[(20, True)]:.2f}",
+                f"250→Not p50 {fmt_ms(raw['e2e']['p50'])}, p99 {fmt_ms(raw['e2e']['p99'])}",
+            )
+        )
 
         numbers = [f"06{10_000_000 + i:08d}" for i in range(500)]
         same = {f"num{i + 1}": num for i, num in enumerate(numbers)} | {
@@ -337,8 +375,11 @@ def run(quick: bool, synchronous: str) -> tuple[list[Row], dict[str, Any]]:
         mobiles = "".join(
             f"06{10_000_000 + i:08d};;client {i}\n" for i in range(csv_lines)
         ).encode()
-        csv_mail = envoi_mail(secrets.token_hex(6), {}, {"mobiles.csv": mobiles,
-                              "message.csv": b"Bonjour [1], votre colis arrive demain"})  # fmt: skip
+        csv_mail = envoi_mail(
+            secrets.token_hex(6),
+            {},
+            {"mobiles.csv": mobiles, "message.csv": b"Bonjour [1], votre colis arrive demain"},
+        )
         rows.append(
             fan_out(daemon, provider, f"mobiles.csv of {csv_lines} lines", csv_mail, csv_lines, raw)
         )
@@ -367,9 +408,13 @@ def fan_out(
         "cpu": cpu,
         "rss": daemon.peak_rss_mb(),
     }
-    return Row(f"fan-out: {label}", f"{wall * 1000:.0f} ms", "",
-               f"{stats['requests']} HTTP request(s), daemon CPU {cpu * 1000:.0f} ms, "
-               f"peak RSS {daemon.peak_rss_mb():.0f} MB")  # fmt: skip
+    return Row(
+        f"fan-out: {label}",
+        f"{wall * 1000:.0f} ms",
+        "",
+        f"{stats['requests']} HTTP request(s), daemon CPU {cpu * 1000:.0f} ms, "
+        f"peak RSS {daemon.peak_rss_mb():.0f} MB",
+    )
 
 
 def machine() -> str:
@@ -379,8 +424,10 @@ def machine() -> str:
             cpu = line.split(":", 1)[1].strip()
             break
     mem = Path("/proc/meminfo").read_text().split()[1]
-    return (f"{os.cpu_count()} cores ({cpu}), {int(mem) // 1024 // 1024} GiB, "
-            f"Python {platform.python_version()}, {platform.system()} {platform.release()}")  # fmt: skip
+    return (
+        f"{os.cpu_count()} cores ({cpu}), {int(mem) // 1024 // 1024} GiB, "
+        f"Python {platform.python_version()}, {platform.system()} {platform.release()}"
+    )
 
 
 def main() -> int:
@@ -391,8 +438,13 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the raw figures here")
     args = parser.parse_args()
     rows, raw = run(args.quick, args.synchronous)
-    lines = [f"Machine: {machine()}", f"Store: SQLite WAL, synchronous={args.synchronous}", "",
-             "| measure | result | ratio to bare aiosmtpd | details |", "|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"Machine: {machine()}",
+        f"Store: SQLite WAL, synchronous={args.synchronous}",
+        "",
+        "| measure | result | ratio to bare aiosmtpd | details |",
+        "|---|---|---|---|",
+    ]
     lines += [f"| {r.what} | {r.value} | {r.ratio} | {r.note} |" for r in rows]
     table = "\n".join(lines)
     print(table)

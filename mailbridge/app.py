@@ -18,13 +18,12 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from mailbridge.auth import auth_config_problems
 from mailbridge.checks import AccountRules
 from mailbridge.clock import Clock, SystemClock
-from mailbridge.config import Config, ConfigError, parse_hostport
+from mailbridge.config import Config, parse_hostport
 from mailbridge.dispatch import Dispatcher
 from mailbridge.intake import COMMAND_LIMITS, IntakeHandler, IntakeSMTP
-from mailbridge.limits import ConnectionGate
+from mailbridge.limits import ConnectionGate, IntakeLimits
 from mailbridge.mailer import Mailer, ReportSink, make_sink
 from mailbridge.numbers import normalise_blacklist
 from mailbridge.providers import Provider, build_provider
@@ -112,7 +111,14 @@ class Daemon:
             self.clock,
             on_done=self._reports.set,
         )
-        handler = IntakeHandler(config, build_rules(config), store, self.clock, self.wake)
+        handler = IntakeHandler(
+            config,
+            build_rules(config),
+            store,
+            self.clock,
+            self.wake,
+            limits=IntakeLimits.from_config(config, self.clock),
+        )
         await self._listen(handler)
         self._tasks = [
             asyncio.create_task(dispatcher.run(self._work, self._stopping, STOP_GRACE_S)),
@@ -127,9 +133,6 @@ class Daemon:
     async def _listen(self, handler: IntakeHandler) -> None:
         smtp = self.config.smtp
         host, port = parse_hostport(smtp.listen)
-        problems = auth_config_problems(self.config)
-        if problems:
-            raise ConfigError("config", problems)
         context = tls_context(self.config)
         gate = ConnectionGate(smtp.max_connections, smtp.max_connections_per_ip)
         authenticator = handler.authenticator()

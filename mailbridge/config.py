@@ -103,10 +103,12 @@ class SmtpConfig(_Model):
     # Rate limits, per rate_window_s, as token buckets in memory (the limit at
     # once, then one more every rate_window_s / limit seconds). ip_rate_limit:
     # messages (MAIL commands) from one client address; past it MAIL gets
-    # 450 4.7.1 so that the client's MTA retries later (0: no limit). Behind
-    # an MTA on this host, raise it or set 0 and let the MTA limit its clients.
+    # 450 4.7.1 so that the client's MTA retries later (0, the default: no
+    # limit, so that an ERP's burst is absorbed at once; set it on a listener
+    # open to many hosts, e.g. 600). Behind an MTA on this host every message
+    # comes from 127.0.0.1: leave it 0 and let the MTA limit its clients.
     rate_window_s: float = Field(60.0, gt=0)
-    ip_rate_limit: int = Field(600, ge=0)
+    ip_rate_limit: int = Field(0, ge=0)
     # Failed AUTH from one client address; past it AUTH gets 454 4.7.0, even with
     # the right password, until the window allows again (credential stuffing).
     auth_failure_limit: int = Field(10, ge=1)
@@ -407,6 +409,9 @@ class Config(_Model):
                     problems.append(
                         f"accounts[{i}]: provider {name!r} is not defined under providers"
                     )
+        from mailbridge.auth import auth_config_problems  # auth imports this module
+
+        problems += auth_config_problems(self)
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -329,7 +329,7 @@ class Dispatcher:
 
     def _message(self, claimed: ClaimedRequest, r: PendingRecipient) -> SmsMessage:
         return SmsMessage(
-            key=f"mb{self.store.instance_id}-{claimed.id}-{r.idx}",
+            key=f"mb{self.store.instance_id}-{claimed.id}{claimed.token}-{r.idx}",
             to=r.number,
             sender=claimed.sender,
             text=r.text,

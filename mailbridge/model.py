@@ -60,6 +60,7 @@ class ClaimedRequest:
     reference: str | None
     attempts: int
     received_at: float
+    token: str  # random per request: makes SMS keys unique even across a restored backup
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,7 +30,7 @@ import pytest
 
 import mailbridge.intake
 from mailbridge.app import Daemon, build_rules
-from mailbridge.auth import Authenticator, auth_config_problems
+from mailbridge.auth import Authenticator
 from mailbridge.clock import FakeClock, SystemClock
 from mailbridge.config import ConfigError, find_account, parse_config
 from mailbridge.intake import IntakeHandler, _ip_allowed
@@ -595,14 +595,10 @@ async def test_auth_failures_lock_out_a_client_then_recover(
     assert (await asyncio.to_thread(attempt, PASSWORD))[0] == 235
 
 
-async def test_daemon_refuses_to_start_with_auth_but_no_tls(tmp_path: Path) -> None:
-    daemon = Daemon(make_config(tmp_path, smtp_password=PASSWORD), clock=FakeClock(NOON))
-    try:
-        with pytest.raises(ConfigError) as err:
-            await daemon.start()
-        assert "accounts[0].smtp_password: needs smtp.tls" in err.value.problems[0]
-    finally:
-        await daemon.stop()
+def test_config_with_auth_but_no_tls_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        make_config(tmp_path, smtp_password=PASSWORD)
+    assert "accounts[0].smtp_password: needs smtp.tls" in "\n".join(err.value.problems)
 
 
 # -- units: lookups, addresses, limiters, config -----------------------------------
@@ -715,15 +711,15 @@ def test_config_checks_for_tls_and_auth(tmp_path: Path, certs: tuple[Path, Path]
     cfg["smtp"]["tls"] = {"cert": str(certs[0]), "key": str(other[1])}
     assert "smtp.tls: cert/key: not a matching PEM certificate and key" in problems(cfg)
     # Across sections: AUTH needs TLS, and AUTH user names are unique.
-    config = make_config(tmp_path, smtp_password=PASSWORD)
-    assert auth_config_problems(config) == [
-        "accounts[0].smtp_password: needs smtp.tls (AUTH is only accepted over TLS)"
-    ]
+    assert "accounts[0].smtp_password: needs smtp.tls (AUTH is only accepted over TLS)" in (
+        problems(config_dict(tmp_path, smtp_password=PASSWORD))
+    )
     cfg = tls_config(tmp_path, certs)
     cfg["accounts"][2]["name"] = "test"
-    assert auth_config_problems(parse_config(cfg, base_dir=tmp_path)) == [
+    assert (
         "accounts[2].name: 'test' is also the name of accounts[0]; AUTH user names must be unique"
-    ]
+        in problems(cfg)
+    )
     config = parse_config(tls_config(tmp_path, certs), base_dir=tmp_path)
     assert PASSWORD not in repr(config) and KEYID not in repr(config)
     unnamed = make_config(tmp_path, name=None).accounts[0]

@@ -55,7 +55,10 @@ CREATE TABLE IF NOT EXISTS requests (
     claimed_until REAL,
     attempts INTEGER NOT NULL DEFAULT 0,
     last_error TEXT,
-    done_at REAL
+    done_at REAL,
+    -- random, part of every SMS idempotency key: after a backup is restored,
+    -- request ids repeat, keys do not (a provider would take them for retries)
+    token TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS requests_due ON requests (state, due_at);
 CREATE TABLE IF NOT EXISTS email_ids (
@@ -208,12 +211,12 @@ class SqliteStore:
         state = "queued" if ack == 0 else "done"
         cur = db.execute(
             "INSERT INTO requests (account, email_id, ack_code, state, numbered, sender, reference,"
-            " not_to, mail_from, client_ip, message_id, received_at, due_at)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " not_to, mail_from, client_ip, message_id, received_at, due_at, token)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 req.account, req.email_id, ack, state, int(req.numbered), req.sender,
                 req.reference, req.not_to, req.mail_from, req.client_ip, req.message_id,
-                req.received_at, req.due_at,
+                req.received_at, req.due_at, secrets.token_hex(3),
             ),
         )  # fmt: skip
         request_id = int(cur.lastrowid or 0)
@@ -277,7 +280,7 @@ class SqliteStore:
             "UPDATE requests SET claimed_until = ? WHERE id = ("
             " SELECT id FROM requests WHERE state = 'queued' AND due_at <= ?"
             " AND (claimed_until IS NULL OR claimed_until < ?) ORDER BY due_at, id LIMIT 1)"
-            " RETURNING id, account, email_id, sender, reference, attempts, received_at",
+            " RETURNING id, account, email_id, sender, reference, attempts, received_at, token",
             (now + lease_s, now, now),
         ).fetchone()
         return None if row is None else ClaimedRequest(*row)
