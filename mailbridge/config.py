@@ -369,7 +369,10 @@ class AccountConfig(_Model):
 
 
 class DispatchConfig(_Model):
-    workers: int = Field(4, ge=1, le=64)  # requests sent at once
+    workers: int = Field(4, ge=1, le=64)  # batches of requests sent at once
+    # Requests claimed together: their SMS share provider requests (one CM call
+    # for the SMS of many emails that arrived together).
+    batch_requests: int = Field(200, ge=1)
     lease_s: float = Field(300.0, gt=0)  # a claim older than this is taken back
     max_attempts: int = Field(10, ge=1)  # request-level failures before quarantine
     provider_wait_s: float = Field(60.0, gt=0)  # wait before retrying a request whose route is down

@@ -18,8 +18,9 @@ import asyncio
 import logging
 import random
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from mailbridge.clock import Clock, nap
 from mailbridge.codes import Code
@@ -70,6 +71,22 @@ class CircuitBreaker:
         return False
 
 
+class _Item(NamedTuple):
+    """One recipient on its way to a provider."""
+
+    claimed: ClaimedRequest
+    rcpt: PendingRecipient
+    route: list[str]
+
+
+def _ids(ids: Iterable[int]) -> str:
+    """Request ids for a log line: "7", "7, 9", "12-61 (50)"."""
+    unique = sorted(set(ids))
+    if len(unique) <= 3:
+        return ", ".join(map(str, unique))
+    return f"{unique[0]}-{unique[-1]} ({len(unique)})"
+
+
 def backoff(base_s: float, attempt: int, jitter: float | None = None) -> float:
     """Delay before attempt `attempt + 1`: base doubling per attempt, ±20% jitter
     (one jitter per batch, so the recipients of a batch stay together)."""
@@ -105,7 +122,7 @@ class Dispatcher:
     # -- the loop --------------------------------------------------------
 
     async def run(self, wake: asyncio.Event, stopping: asyncio.Event, grace_s: float) -> None:
-        """Serve until `stopping`; then let in-flight requests finish for `grace_s`."""
+        """Serve until `stopping`; then let in-flight batches finish for `grace_s`."""
         slots = asyncio.Semaphore(self.config.workers)
         tasks: set[asyncio.Task[None]] = set()
         while not stopping.is_set():
@@ -113,26 +130,28 @@ class Dispatcher:
             while not stopping.is_set():
                 await slots.acquire()
                 try:
-                    claimed = await self.store.claim_request(self.clock.time(), self.config.lease_s)
+                    claims = await self.store.claim_requests(
+                        self.clock.time(), self.config.lease_s, self.config.batch_requests
+                    )
                 except StoreUnavailable as err:
                     log.error("dispatch: store unavailable: %s", err)
-                    claimed = None
-                if claimed is None:
+                    claims = []
+                if not claims:
                     slots.release()
                     break
-                task = asyncio.create_task(self.process(claimed))
+                task = asyncio.create_task(self.process(claims))
                 tasks.add(task)
 
                 def finished(task: asyncio.Task[None]) -> None:
                     tasks.discard(task)
                     slots.release()
-                    # The request may be due again soon (a retry): look again.
+                    # Requests may be due again soon (a retry): look again.
                     wake.set()
 
                 task.add_done_callback(finished)
             await nap(wake, stopping, await self._idle_time())
         if tasks:
-            log.info("dispatch: stopping, waiting for %d request(s) in flight", len(tasks))
+            log.info("dispatch: stopping, waiting for %d batch(es) in flight", len(tasks))
             _, late = await asyncio.wait(tasks, timeout=grace_s)
             for task in late:
                 task.cancel()  # their recipients stay `submitting`: in doubt at next start
@@ -147,72 +166,87 @@ class Dispatcher:
         return 60.0 if due is None else max(0.05, min(60.0, due - self.clock.time()))
 
     async def run_once(self) -> int:
-        """Process every request due now, one at a time (tests, `serve --once`)."""
+        """Process every request due now (tests); return how many batches ran."""
         count = 0
-        while (claimed := await self.store.claim_request(self.clock.time(), 60.0)) is not None:
-            await self.process(claimed)
+        while claims := await self.store.claim_requests(
+            self.clock.time(), 60.0, self.config.batch_requests
+        ):
+            await self.process(claims)
             count += 1
         return count
 
-    # -- one request -----------------------------------------------------
+    # -- a batch of requests ---------------------------------------------
 
-    async def process(self, claimed: ClaimedRequest) -> None:
-        """Send what is due in one claimed request; never raises."""
+    async def process(self, claims: Sequence[ClaimedRequest]) -> None:
+        """Send what is due in these claimed requests, together; never raises.
+
+        Requests claimed together share provider calls: the same provider gets
+        the recipients of all of them in as few requests as it allows.
+        """
+        by_id = {c.id: c for c in claims}
         try:
-            account = self.accounts.get(claimed.account)
             while True:
                 now = self.clock.time()
-                pending = await self.store.pending_recipients(claimed.id, now, PAGE)
+                pending = await self.store.pending_recipients(list(by_id), now, PAGE)
                 if not pending:
                     break
-                await self._send_page(claimed, account, pending)
-            if await self.store.finish_if_done(claimed.id, self.clock.time()):
-                log.info("request %d: every recipient has its code", claimed.id)
+                await self._send_page(by_id, pending)
+            done = await self.store.finish_if_done(list(by_id), self.clock.time())
+            for request_id in done:
+                log.info("request %d: every recipient has its code", request_id)
+            if done:
                 self.on_done()
-            else:
-                await self.store.release_request(claimed.id, None, None, count_attempt=False)
+            rest = [i for i in by_id if i not in set(done)]
+            if rest:
+                await self.store.release_requests(rest, None, None, count_attempt=False)
         except asyncio.CancelledError:
             raise
         except Exception as err:
-            await self._failed(claimed, err)
+            if len(claims) > 1 and not isinstance(err, StoreUnavailable):
+                # Find the culprit: each request alone, with its own attempt count.
+                log.exception("dispatch: a batch of %d requests failed; one by one", len(claims))
+                for claim in claims:
+                    await self.process([claim])
+                return
+            await self._failed(claims, err)
 
-    async def _failed(self, claimed: ClaimedRequest, err: Exception) -> None:
-        attempts = claimed.attempts + 1
-        if isinstance(err, StoreUnavailable):
-            log.error("request %d: store unavailable: %s", claimed.id, err)
-        else:
-            log.exception("request %d: unexpected error (attempt %d)", claimed.id, attempts)
+    async def _failed(self, claims: Sequence[ClaimedRequest], err: Exception) -> None:
+        ids = [c.id for c in claims]
         try:
             if isinstance(err, StoreUnavailable):
-                # The store failed (disk full, locked), not this request: retry at a
-                # steady pace without counting an attempt, so that the work resumes
-                # soon after the store does, however long the outage lasted.
+                # The store failed (disk full, locked), not these requests: retry at
+                # a steady pace without counting an attempt, so that the work
+                # resumes soon after the store does, however long the outage lasted.
+                log.error("requests %s: store unavailable: %s", _ids(ids), err)
                 due = self.clock.time() + backoff(self.config.provider_wait_s, 1)
-                await self.store.release_request(claimed.id, due, str(err)[:500], False)
-            elif attempts >= self.config.max_attempts:
+                await self.store.release_requests(ids, due, str(err)[:500], False)
+                return
+            (claimed,) = claims
+            attempts = claimed.attempts + 1
+            log.exception("request %d: unexpected error (attempt %d)", claimed.id, attempts)
+            if attempts >= self.config.max_attempts:
                 await self.store.quarantine(claimed.id, f"{type(err).__name__}: {err}")
                 log.error("request %d: quarantined after %d attempts", claimed.id, attempts)
             else:
                 due = self.clock.time() + backoff(self.config.provider_wait_s, attempts)
-                await self.store.release_request(claimed.id, due, str(err)[:500], True)
+                await self.store.release_requests(ids, due, str(err)[:500], True)
         except StoreUnavailable:
-            pass  # the lease expires by itself and the request is claimed again
+            pass  # the leases expire by themselves and the requests are claimed again
 
     async def _send_page(
-        self,
-        claimed: ClaimedRequest,
-        account: AccountConfig | None,
-        pending: Sequence[PendingRecipient],
+        self, claims: Mapping[int, ClaimedRequest], pending: Sequence[PendingRecipient]
     ) -> None:
         now = self.clock.time()
         final: list[RecipientResult] = []
-        groups: dict[str, list[tuple[PendingRecipient, list[str]]]] = defaultdict(list)
+        groups: dict[str, list[_Item]] = defaultdict(list)
         for rcpt in pending:
+            claimed = claims[rcpt.request_id]
+            account = self.accounts.get(claimed.account)
             route = route_for(account, rcpt.number) if account is not None else []
             if rcpt.provider_index >= len(route):
                 why = "account no longer configured" if account is None else "no route"
                 log.warning("request %d: %s for %s: code 999", claimed.id, why, rcpt.number)
-                final.append(RecipientResult(rcpt.idx, Code.ERROR, detail=why))
+                final.append(RecipientResult(rcpt.request_id, rcpt.idx, Code.ERROR, detail=why))
                 continue
             name = route[rcpt.provider_index]
             breaker = self.breakers[name]
@@ -221,6 +255,7 @@ class Dispatcher:
                 last = rcpt.provider_index + 1 >= len(route)
                 final.append(
                     RecipientResult(
+                        rcpt.request_id,
                         rcpt.idx,
                         None,
                         name,
@@ -232,75 +267,72 @@ class Dispatcher:
                     )  # fmt: skip
                 )
                 continue
-            groups[name].append((rcpt, route))
+            groups[name].append(_Item(claimed, rcpt, route))
         if final:
-            await self.store.record_results(claimed.id, claimed.account, final, now)
+            await self.store.record_results(final, now)
         for name, group in groups.items():
             size = self.providers[name].max_batch
             for start in range(0, len(group), size):
-                assert account is not None
-                await self._send_chunk(claimed, account, name, group[start : start + size])
+                await self._send_chunk(name, group[start : start + size])
 
-    async def _reserve(
-        self, account: AccountConfig, chunk: Sequence[PendingRecipient]
-    ) -> tuple[list[PendingRecipient], list[RecipientResult]]:
-        """Take credit for the chunk; recipients beyond the credit get 12."""
-        if account.credit is None:
-            return list(chunk), []
-        total = sum(r.parts for r in chunk)
-        if await self.store.reserve_credit(account.keyid, total, account.credit):
-            return list(chunk), []
-        ok: list[PendingRecipient] = []
+    async def _reserve(self, chunk: Sequence[_Item]) -> tuple[list[_Item], list[RecipientResult]]:
+        """Take credit for the chunk; recipients beyond their account's credit get 12."""
+        ok: list[_Item] = []
         refused: list[RecipientResult] = []
-        for r in chunk:
-            if await self.store.reserve_credit(account.keyid, r.parts, account.credit):
-                ok.append(r)
-            else:
-                refused.append(RecipientResult(r.idx, Code.NO_CREDIT, detail="credit exhausted"))
+        by_account: dict[str, list[_Item]] = defaultdict(list)
+        for item in chunk:
+            by_account[item.claimed.account].append(item)
+        for keyid, items in by_account.items():
+            account = self.accounts[keyid]
+            if account.credit is None or await self.store.reserve_credit(
+                keyid, sum(i.rcpt.parts for i in items), account.credit
+            ):
+                ok += items
+                continue
+            for item in items:
+                if await self.store.reserve_credit(keyid, item.rcpt.parts, account.credit):
+                    ok.append(item)
+                else:
+                    r = item.rcpt
+                    refused.append(
+                        RecipientResult(r.request_id, r.idx, Code.NO_CREDIT, detail="no credit")
+                    )
         return ok, refused
 
-    async def _send_chunk(
-        self,
-        claimed: ClaimedRequest,
-        account: AccountConfig,
-        name: str,
-        group: Sequence[tuple[PendingRecipient, list[str]]],
-    ) -> None:
+    async def _send_chunk(self, name: str, group: Sequence[_Item]) -> None:
         provider = self.providers[name]
-        routes = {r.idx: route for r, route in group}
-        chunk, results = await self._reserve(account, [r for r, _ in group])
+        chunk, results = await self._reserve(group)
         if chunk:
-            messages = [self._message(claimed, r) for r in chunk]
+            messages = [self._message(item) for item in chunk]
             await self.store.mark_submitting(
-                claimed.id,
-                [r.idx for r in chunk],
+                [(i.rcpt.request_id, i.rcpt.idx) for i in chunk],
                 name,
                 self.clock.time() + self.config.lease_s,
             )
             try:
-                outcomes = await self._submit(claimed, provider, messages)
+                outcomes = await self._submit(provider, messages)
             except ProviderAuthError as err:
                 log.error(
-                    "request %d: PROVIDER %s REFUSED OUR CREDENTIALS: %s -- fix the"
+                    "requests %s: PROVIDER %s REFUSED OUR CREDENTIALS: %s -- fix the"
                     " configuration; the SMS stay queued",
-                    claimed.id, name, err,
+                    _ids(i.claimed.id for i in chunk), name, err,
                 )  # fmt: skip
                 # Not the recipients' fault: hold them without counting an attempt.
                 hold = self.clock.time() + self.config.provider_wait_s
-                detail = f"credentials refused: {err}"
                 results += [
                     RecipientResult(
-                        r.idx,
+                        i.rcpt.request_id,
+                        i.rcpt.idx,
                         None,
                         name,
                         None,
-                        detail,
+                        f"credentials refused: {err}",
                         hold,
-                        r.provider_index,
-                        r.attempts,
-                        refund_parts=r.parts,
+                        i.rcpt.provider_index,
+                        i.rcpt.attempts,
+                        refund_parts=i.rcpt.parts,
                     )  # fmt: skip
-                    for r in chunk
+                    for i in chunk
                 ]
             else:
                 now = self.clock.time()
@@ -312,22 +344,22 @@ class Dispatcher:
                     )  # fmt: skip
                 by_key = {o.key: o for o in outcomes}
                 jitter = random.uniform(0.8, 1.2)
-                for rcpt, msg in zip(chunk, messages, strict=True):
+                for item, msg in zip(chunk, messages, strict=True):
                     outcome = by_key.get(msg.key) or Outcome(
                         msg.key, Code.ERROR, detail="no answer for this message", retry=True
                     )
-                    route = routes[rcpt.idx]
-                    results.append(self._decide(claimed, name, rcpt, route, outcome, now, jitter))
-        await self.store.record_results(claimed.id, account.keyid, results, self.clock.time())
-        sent = sum(1 for r in results if r.code == 0)
+                    results.append(self._decide(name, item, outcome, now, jitter))
+        await self.store.record_results(results, self.clock.time())
         log.info(
-            "request %d: %s: %d submitted, %d accepted, %d final other, %d to retry",
-            claimed.id, name, len(chunk), sent,
+            "requests %s: %s: %d submitted, %d accepted, %d final other, %d to retry",
+            _ids(i.claimed.id for i in group), name, len(chunk),
+            sum(1 for r in results if r.code == 0),
             sum(1 for r in results if r.code not in (None, 0)),
             sum(1 for r in results if r.code is None),
         )  # fmt: skip
 
-    def _message(self, claimed: ClaimedRequest, r: PendingRecipient) -> SmsMessage:
+    def _message(self, item: _Item) -> SmsMessage:
+        claimed, r = item.claimed, item.rcpt
         return SmsMessage(
             key=f"mb{self.store.instance_id}-{claimed.id}{claimed.token}-{r.idx}",
             to=r.number,
@@ -341,9 +373,7 @@ class Dispatcher:
             in_doubt=r.in_doubt,
         )
 
-    async def _submit(
-        self, claimed: ClaimedRequest, provider: Provider, messages: list[SmsMessage]
-    ) -> list[Outcome]:
+    async def _submit(self, provider: Provider, messages: list[SmsMessage]) -> list[Outcome]:
         """Call the provider; turn transient whole-batch failures into per-message
         retry outcomes (ProviderAuthError goes up: it is not the messages' fault)."""
         try:
@@ -356,23 +386,18 @@ class Dispatcher:
         except asyncio.CancelledError:
             raise
         except Exception as err:
-            log.exception("request %d: provider %s raised", claimed.id, provider.name)
+            log.exception("provider %s raised", provider.name)
             return [Outcome(m.key, Code.ERROR, detail=repr(err), retry=True) for m in messages]
 
     def _decide(
-        self,
-        claimed: ClaimedRequest,
-        name: str,
-        rcpt: PendingRecipient,
-        route: list[str],
-        outcome: Outcome,
-        now: float,
-        jitter: float,
+        self, name: str, item: _Item, outcome: Outcome, now: float, jitter: float
     ) -> RecipientResult:
         """The outcome of one attempt -> a final code, a retry, or a failover."""
+        claimed, rcpt, route = item
+        rid, idx = rcpt.request_id, rcpt.idx
         if not outcome.retry:
             return RecipientResult(
-                rcpt.idx, outcome.code, name, outcome.provider_message_id, outcome.detail, now,
+                rid, idx, outcome.code, name, outcome.provider_message_id, outcome.detail, now,
                 rcpt.provider_index, rcpt.attempts + 1,
                 refund_parts=0 if outcome.code == 0 else rcpt.parts,
             )  # fmt: skip
@@ -381,7 +406,7 @@ class Dispatcher:
         if attempts < settings.retry_attempts:
             due = now + backoff(settings.retry_backoff_s, attempts, jitter)
             return RecipientResult(
-                rcpt.idx, None, name, None, outcome.detail, due, rcpt.provider_index, attempts,
+                rid, idx, None, name, None, outcome.detail, due, rcpt.provider_index, attempts,
                 refund_parts=rcpt.parts,
             )  # fmt: skip
         if rcpt.provider_index + 1 < len(route):
@@ -391,7 +416,7 @@ class Dispatcher:
                 route[rcpt.provider_index + 1],
             )  # fmt: skip
             return RecipientResult(
-                rcpt.idx, None, name, None, outcome.detail, now, rcpt.provider_index + 1, 0,
+                rid, idx, None, name, None, outcome.detail, now, rcpt.provider_index + 1, 0,
                 refund_parts=rcpt.parts,
             )  # fmt: skip
         breaker = self.breakers[name]
@@ -399,10 +424,10 @@ class Dispatcher:
             # The provider is down as a whole, not refusing this message: wait
             # for it to come back rather than fail the recipient.
             return RecipientResult(
-                rcpt.idx, None, name, None, f"{name} is down: {outcome.detail}",
+                rid, idx, None, name, None, f"{name} is down: {outcome.detail}",
                 breaker.open_until, rcpt.provider_index, attempts, refund_parts=rcpt.parts,
             )  # fmt: skip
         return RecipientResult(
-            rcpt.idx, outcome.code, name, None, outcome.detail, now, rcpt.provider_index,
+            rid, idx, outcome.code, name, None, outcome.detail, now, rcpt.provider_index,
             attempts, refund_parts=rcpt.parts,
         )  # fmt: skip

@@ -67,6 +67,7 @@ class ClaimedRequest:
 class PendingRecipient:
     """A recipient still waiting for its code."""
 
+    request_id: int
     idx: int
     number: str
     text: str
@@ -82,6 +83,7 @@ class PendingRecipient:
 class RecipientResult:
     """The dispatcher's decision for one recipient after an attempt."""
 
+    request_id: int
     idx: int
     code: int | None  # final code, or None: try again at `due_at`
     provider: str | None = None

@@ -403,9 +403,8 @@ async def test_store_cap_raises_sqlite_full_and_the_store_stays_usable(tmp_path:
         assert database["max_bytes"] == 25 * 4096 and database["bytes"] <= 25 * 4096
         # The failed transaction is gone: reads and in-place writes still work.
         assert status["requests"] == {"queued": stored}
-        job = await store.claim_request(1.0, 60)
-        assert job is not None
-        await store.release_request(job.id, None, None, count_attempt=False)
+        (job,) = await store.claim_requests(1.0, 60, 1)
+        await store.release_requests([job.id], None, None, count_attempt=False)
     finally:
         await store.close()
     bigger = SqliteStore(tmp_path / "db.sqlite", max_size_mb=1)
@@ -517,18 +516,18 @@ async def test_work_resumes_soon_after_a_long_store_outage(tmp_path: Path) -> No
         await store.add_request(request)
         outage_started = clock.time()
         for _ in range(12):  # the store stays full; each try fails
-            claimed = await store.claim_request(clock.time(), 60)
-            assert claimed is not None
-            await dispatcher.process(claimed)
+            claims = await store.claim_requests(clock.time(), 60, 10)
+            assert len(claims) == 1
+            await dispatcher.process(claims)
             due = await store.next_due()
             assert due is not None and due > clock.time()
             clock.advance(due - clock.time() + 0.001)
         wait = config.dispatch.provider_wait_s
         assert clock.time() - outage_started <= 12 * wait * 1.2  # tried at a steady pace
         full = False  # the operator freed the disk: the next try succeeds
-        claimed = await store.claim_request(clock.time(), 60)
-        assert claimed is not None and claimed.attempts == 0  # not the request's fault
-        await dispatcher.process(claimed)
+        (claimed,) = await store.claim_requests(clock.time(), 60, 10)
+        assert claimed.attempts == 0  # not the request's fault
+        await dispatcher.process([claimed])
     status = await store.status(clock.time())
     await store.close()
     assert status["requests"] == {"done": 1}

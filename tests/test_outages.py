@@ -265,7 +265,8 @@ def test_slow_provider_bounded_concurrency_quick_intake_bounded_memory(
         assert len(latencies) == emails
         wait_for(lambda: switch.inflight == workers, what="every worker blocked")
         claimed = "SELECT count(*) FROM requests WHERE claimed_until IS NOT NULL"
-        assert db_one(tmp_path, claimed) == workers
+        # Each worker holds a batch of requests; nothing else is claimed.
+        assert workers <= db_one(tmp_path, claimed) <= workers * 200
         rss_after = vm_rss_kb(proc.proc.pid)
         fake.release()
         sent = "SELECT count(*) FROM reports WHERE state = 'sent'"
@@ -307,7 +308,7 @@ def test_sigterm_during_a_batch(
         assert proc.proc is not None
         proc.proc.send_signal(signal.SIGTERM)
         stopped_at = time.monotonic()
-        wait_for(lambda: "waiting for 1 request(s) in flight" in proc.log(), what="the stop")
+        wait_for(lambda: "waiting for 1 batch(es) in flight" in proc.log(), what="the stop")
         with pytest.raises(ConnectionRefusedError):  # no new mail once stopping
             smtplib.SMTP("127.0.0.1", proc.port, timeout=10)
         released_at = time.monotonic()

@@ -68,17 +68,15 @@ async def test_concurrent_duplicates_admit_exactly_one(store: SqliteStore) -> No
 
 async def test_claim_send_finish(store: SqliteStore) -> None:
     admitted = await store.add_request(new_request())
-    claimed = await store.claim_request(NOW, 60)
-    assert claimed is not None and claimed.id == admitted.request_id
-    assert await store.claim_request(NOW, 60) is None  # leased
-    pending = await store.pending_recipients(claimed.id, NOW, 100)
+    (claimed,) = await store.claim_requests(NOW, 60, 10)
+    assert claimed.id == admitted.request_id
+    assert await store.claim_requests(NOW, 60, 10) == []  # leased
+    pending = await store.pending_recipients([claimed.id], NOW, 100)
     assert [(p.idx, p.number, p.in_doubt) for p in pending] == [(1, "+33601020304", False)]
-    await store.mark_submitting(claimed.id, [1], "outbox", NOW + 60)
-    assert not await store.finish_if_done(claimed.id, NOW)
-    await store.record_results(
-        claimed.id, "key", [RecipientResult(1, 0, "outbox", "id-1", "", NOW)], NOW
-    )
-    assert await store.finish_if_done(claimed.id, NOW)
+    await store.mark_submitting([(claimed.id, 1)], "outbox", NOW + 60)
+    assert await store.finish_if_done([claimed.id], NOW) == []
+    await store.record_results([RecipientResult(claimed.id, 1, 0, "outbox", "id-1", "", NOW)], NOW)
+    assert await store.finish_if_done([claimed.id], NOW) == [claimed.id]
     data = await store.report_data(claimed.id)
     assert data.rows == [("0601020304", 0), ("bad", 7)]
     kinds = [r.kind for r in await store.claim_reports(NOW, 10, 60)]
@@ -97,16 +95,15 @@ async def test_crash_mid_submission_leaves_recipients_in_doubt(tmp_path: Path) -
     store = SqliteStore(tmp_path / "db.sqlite")
     await store.open()
     await store.add_request(new_request())
-    claimed = await store.claim_request(NOW, 600)
-    assert claimed is not None
-    await store.mark_submitting(claimed.id, [1], "outbox", NOW + 600)
+    (claimed,) = await store.claim_requests(NOW, 600, 10)
+    await store.mark_submitting([(claimed.id, 1)], "outbox", NOW + 600)
     await store.close()  # the process dies here
     again = SqliteStore(tmp_path / "db.sqlite")
     await again.open()
     assert await again.recover() == 1
-    reclaimed = await again.claim_request(NOW, 60)
-    assert reclaimed is not None and reclaimed.id == claimed.id
-    pending = await again.pending_recipients(claimed.id, NOW, 10)
+    (reclaimed,) = await again.claim_requests(NOW, 60, 10)
+    assert reclaimed.id == claimed.id
+    pending = await again.pending_recipients([claimed.id], NOW, 10)
     assert [(p.idx, p.in_doubt) for p in pending] == [(1, True)]
     assert again.instance_id == store.instance_id
     await again.close()
@@ -114,25 +111,25 @@ async def test_crash_mid_submission_leaves_recipients_in_doubt(tmp_path: Path) -
 
 async def test_retry_due_times_and_release(store: SqliteStore) -> None:
     admitted = await store.add_request(new_request())
-    claimed = await store.claim_request(NOW, 60)
-    assert claimed is not None
-    await store.record_results(
-        claimed.id, "key", [RecipientResult(1, None, "outbox", None, "503", NOW + 30, 0, 1)], NOW
-    )
-    assert await store.pending_recipients(claimed.id, NOW, 10) == []
-    await store.release_request(claimed.id, None, None, count_attempt=False)
-    assert await store.claim_request(NOW + 29, 60) is None
+    (claimed,) = await store.claim_requests(NOW, 60, 10)
+    retry = RecipientResult(claimed.id, 1, None, "outbox", None, "503", NOW + 30, 0, 1)
+    await store.record_results([retry], NOW)
+    assert await store.pending_recipients([claimed.id], NOW, 10) == []
+    await store.release_requests([claimed.id], None, None, count_attempt=False)
+    assert await store.claim_requests(NOW + 29, 60, 10) == []
     assert await store.next_due() is not None
-    later = await store.claim_request(NOW + 31, 60)
-    assert later is not None and later.id == admitted.request_id
-    (p,) = await store.pending_recipients(claimed.id, NOW + 31, 10)
+    (later,) = await store.claim_requests(NOW + 31, 60, 10)
+    assert later.id == admitted.request_id
+    (p,) = await store.pending_recipients([claimed.id], NOW + 31, 10)
     assert (p.attempts, p.in_doubt) == (1, True)
 
 
 async def test_credit(store: SqliteStore) -> None:
     assert await store.reserve_credit("key", 3, 5)
     assert not await store.reserve_credit("key", 3, 5)
-    await store.record_results(0, "key", [RecipientResult(1, 999, refund_parts=3)], NOW)
+    admitted = await store.add_request(new_request(account="key"))
+    refund = RecipientResult(admitted.request_id, 1, 999, refund_parts=3)
+    await store.record_results([refund], NOW)
     assert await store.reserve_credit("key", 5, 5)
 
 

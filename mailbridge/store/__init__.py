@@ -48,8 +48,9 @@ class Store(Protocol):
         """At start: release leases of a previous run; return how many were released."""
         ...
 
-    async def claim_request(self, now: float, lease_s: float) -> ClaimedRequest | None:
-        """Take a lease on the oldest due request, or None."""
+    async def claim_requests(self, now: float, lease_s: float, limit: int) -> list[ClaimedRequest]:
+        """Take a lease on up to `limit` due requests, oldest first (they are then
+        sent together, so that several emails share provider requests)."""
         ...
 
     async def next_due(self) -> float | None:
@@ -57,37 +58,41 @@ class Store(Protocol):
         ...
 
     async def pending_recipients(
-        self, request_id: int, now: float, limit: int
+        self, request_ids: Sequence[int], now: float, limit: int
     ) -> list[PendingRecipient]:
-        """Recipients without a code whose retry time has come, in index order."""
+        """Recipients of these requests without a code whose retry time has come,
+        by request then index; at most `limit`."""
         ...
 
     async def mark_submitting(
-        self, request_id: int, idxs: Sequence[int], provider: str, lease_until: float
+        self, recipients: Sequence[tuple[int, int]], provider: str, lease_until: float
     ) -> None:
-        """Record that these recipients are about to be handed to `provider`;
-        renew the request's lease."""
+        """Record that these (request id, index) are about to be handed to
+        `provider`; renew their requests' leases."""
         ...
 
     async def reserve_credit(self, account: str, parts: int, credit: int) -> bool:
         """Take `parts` from the account's credit if that many remain."""
         ...
 
-    async def record_results(
-        self, request_id: int, account: str, results: Sequence[RecipientResult], now: float
-    ) -> None:
+    async def record_results(self, results: Sequence[RecipientResult], now: float) -> None:
         """Record codes (or the next retry) for recipients; refund unused credit."""
         ...
 
-    async def release_request(
-        self, request_id: int, due_at: float | None, error: str | None, count_attempt: bool
+    async def release_requests(
+        self,
+        request_ids: Sequence[int],
+        due_at: float | None,
+        error: str | None,
+        count_attempt: bool,
     ) -> None:
-        """Give the lease back; due again at `due_at` (None: when its first
-        pending recipient is)."""
+        """Give the leases back; due again at `due_at` (None: when the first
+        pending recipient of each is)."""
         ...
 
-    async def finish_if_done(self, request_id: int, now: float) -> bool:
-        """When every recipient has a code: mark done and queue the Not report."""
+    async def finish_if_done(self, request_ids: Sequence[int], now: float) -> list[int]:
+        """Mark done the requests whose every recipient has a code, queueing their
+        Not report; return their ids."""
         ...
 
     async def quarantine(self, request_id: int, error: str) -> None: ...

@@ -381,18 +381,20 @@ class SqliteStore:
     async def recover(self) -> int:
         return await self._write(self._recover)
 
-    def _claim(self, db: sqlite3.Connection, now: float, lease_s: float) -> ClaimedRequest | None:
-        row = db.execute(
-            "UPDATE requests SET claimed_until = ? WHERE id = ("
+    def _claim(
+        self, db: sqlite3.Connection, now: float, lease_s: float, limit: int
+    ) -> list[ClaimedRequest]:
+        rows = db.execute(
+            "UPDATE requests SET claimed_until = ? WHERE id IN ("
             " SELECT id FROM requests WHERE state = 'queued' AND due_at <= ?"
-            " AND (claimed_until IS NULL OR claimed_until < ?) ORDER BY due_at, id LIMIT 1)"
+            " AND (claimed_until IS NULL OR claimed_until < ?) ORDER BY due_at, id LIMIT ?)"
             " RETURNING id, account, email_id, sender, reference, attempts, received_at, token",
-            (now + lease_s, now, now),
-        ).fetchone()
-        return None if row is None else ClaimedRequest(*row)
+            (now + lease_s, now, now, limit),
+        ).fetchall()
+        return sorted((ClaimedRequest(*row) for row in rows), key=lambda c: c.id)
 
-    async def claim_request(self, now: float, lease_s: float) -> ClaimedRequest | None:
-        return await self._write(lambda db: self._claim(db, now, lease_s))
+    async def claim_requests(self, now: float, lease_s: float, limit: int) -> list[ClaimedRequest]:
+        return await self._write(lambda db: self._claim(db, now, lease_s, limit))
 
     def _next_due(self) -> float | None:
         row = self.db.execute(
@@ -408,34 +410,41 @@ class SqliteStore:
     async def next_due(self) -> float | None:
         return await self._read(lambda db: self._next_due())
 
-    def _pending(self, request_id: int, now: float, limit: int) -> list[PendingRecipient]:
-        rows = self.db.execute(
-            "SELECT idx, number, text, encoding, parts, max_parts, provider_index, attempts,"
-            " in_doubt OR submitting FROM recipients"
-            " WHERE request_id = ? AND code IS NULL AND due_at <= ? ORDER BY idx LIMIT ?",
-            (request_id, now, limit),
-        ).fetchall()
+    def _pending(
+        self, request_ids: Sequence[int], now: float, limit: int
+    ) -> list[PendingRecipient]:
+        rows: list[Any] = []
+        for request_id in request_ids:
+            if len(rows) >= limit:
+                break
+            rows += self.db.execute(
+                "SELECT request_id, idx, number, text, encoding, parts, max_parts,"
+                " provider_index, attempts, in_doubt OR submitting FROM recipients"
+                " WHERE request_id = ? AND code IS NULL AND due_at <= ? ORDER BY idx LIMIT ?",
+                (request_id, now, limit - len(rows)),
+            ).fetchall()
         return [
-            PendingRecipient(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], bool(r[8]))
+            PendingRecipient(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], bool(r[9]))
             for r in rows
         ]
 
     async def pending_recipients(
-        self, request_id: int, now: float, limit: int
+        self, request_ids: Sequence[int], now: float, limit: int
     ) -> list[PendingRecipient]:
-        return await self._read(lambda db: self._pending(request_id, now, limit))
+        return await self._read(lambda db: self._pending(request_ids, now, limit))
 
     async def mark_submitting(
-        self, request_id: int, idxs: Sequence[int], provider: str, lease_until: float
+        self, recipients: Sequence[tuple[int, int]], provider: str, lease_until: float
     ) -> None:
         def mark(db: sqlite3.Connection) -> None:
-            db.execute(
-                "UPDATE requests SET claimed_until = ? WHERE id = ?", (lease_until, request_id)
+            db.executemany(
+                "UPDATE requests SET claimed_until = ? WHERE id = ?",
+                ((lease_until, request_id) for request_id in {r for r, _ in recipients}),
             )
             db.executemany(
                 "UPDATE recipients SET submitting = 1, provider = ?"
                 " WHERE request_id = ? AND idx = ?",
-                ((provider, request_id, i) for i in idxs),
+                ((provider, request_id, idx) for request_id, idx in recipients),
             )
 
         await self._write(mark)
@@ -453,12 +462,7 @@ class SqliteStore:
         return await self._write(reserve)
 
     def _record(
-        self,
-        db: sqlite3.Connection,
-        request_id: int,
-        account: str,
-        results: Sequence[RecipientResult],
-        now: float,
+        self, db: sqlite3.Connection, results: Sequence[RecipientResult], now: float
     ) -> None:
         db.executemany(
             "UPDATE recipients SET code = ?, provider = coalesce(?, provider),"
@@ -470,32 +474,38 @@ class SqliteStore:
             (
                 (
                     r.code, r.provider, r.provider_message_id, r.detail, r.due_at,
-                    r.provider_index, r.attempts, r.code, r.code, now, request_id, r.idx,
+                    r.provider_index, r.attempts, r.code, r.code, now, r.request_id, r.idx,
                 )
                 for r in results
             ),
         )  # fmt: skip
-        refund = sum(r.refund_parts for r in results)
-        if refund:
-            db.execute(
-                "UPDATE credits SET used = max(0, used - ?) WHERE account = ?", (refund, account)
-            )
+        refunds: dict[int, int] = {}
+        for r in results:
+            if r.refund_parts:
+                refunds[r.request_id] = refunds.get(r.request_id, 0) + r.refund_parts
+        db.executemany(
+            "UPDATE credits SET used = max(0, used - ?)"
+            " WHERE account = (SELECT account FROM requests WHERE id = ?)",
+            ((parts, request_id) for request_id, parts in refunds.items()),
+        )
 
-    async def record_results(
-        self, request_id: int, account: str, results: Sequence[RecipientResult], now: float
-    ) -> None:
-        await self._write(lambda db: self._record(db, request_id, account, results, now))
+    async def record_results(self, results: Sequence[RecipientResult], now: float) -> None:
+        await self._write(lambda db: self._record(db, results, now))
 
-    async def release_request(
-        self, request_id: int, due_at: float | None, error: str | None, count_attempt: bool
+    async def release_requests(
+        self,
+        request_ids: Sequence[int],
+        due_at: float | None,
+        error: str | None,
+        count_attempt: bool,
     ) -> None:
         def release(db: sqlite3.Connection) -> None:
-            db.execute(
+            db.executemany(
                 "UPDATE requests SET claimed_until = NULL,"
                 " due_at = coalesce(?, (SELECT min(due_at) FROM recipients"
                 "  WHERE request_id = requests.id AND code IS NULL), due_at),"
                 " last_error = coalesce(?, last_error), attempts = attempts + ? WHERE id = ?",
-                (due_at, error, int(count_attempt), request_id),
+                ((due_at, error, int(count_attempt), request_id) for request_id in request_ids),
             )
 
         await self._write(release)
@@ -516,8 +526,11 @@ class SqliteStore:
             self._add_report(db, request_id, "not", row[0], now)
         return row is not None
 
-    async def finish_if_done(self, request_id: int, now: float) -> bool:
-        return await self._write(lambda db: self._finish_if_done(db, request_id, now))
+    async def finish_if_done(self, request_ids: Sequence[int], now: float) -> list[int]:
+        def finish(db: sqlite3.Connection) -> list[int]:
+            return [i for i in request_ids if self._finish_if_done(db, i, now)]
+
+        return await self._write(finish)
 
     async def quarantine(self, request_id: int, error: str) -> None:
         def q(db: sqlite3.Connection) -> None:
