@@ -104,7 +104,8 @@ def start_smtp_sink() -> Proc | None:
     if not os.path.exists(exe):
         return None
     port = free_port()
-    proc = Proc([exe, "-c", f"127.0.0.1:{port}", "256"])
+    user = ["-u", "nobody"] if os.geteuid() == 0 else []  # it refuses to run as root
+    proc = Proc([exe, *user, "-c", f"127.0.0.1:{port}", "256"])
     proc.port = port
     wait_port(port)
     return proc
