@@ -39,10 +39,17 @@ class SmtpError(Exception):
     pass
 
 
+REPLY_TIMEOUT_S = 120.0  # a stalled server fails the run instead of hanging it
+
+
 async def _reply(reader: asyncio.StreamReader) -> tuple[int, str]:
     lines = []
     while True:
-        line = await reader.readline()
+        try:
+            async with asyncio.timeout(REPLY_TIMEOUT_S):  # cheaper than wait_for: no task
+                line = await reader.readline()
+        except TimeoutError as err:
+            raise SmtpError(f"no reply within {REPLY_TIMEOUT_S:.0f}s") from err
         if not line:
             raise SmtpError("connection closed")
         lines.append(line.decode("latin-1").rstrip())

@@ -65,7 +65,7 @@ class Proc:
         assert self.p.stdout is not None
         line = self.p.stdout.readline()
         if not line.startswith("PORT "):
-            raise RuntimeError(f"{self.p.args}: no port ({line!r})")
+            raise RuntimeError(f"{self.p.args!r}: no port ({line!r})")
         self.port = int(line.split()[1])
         return self
 
@@ -105,7 +105,8 @@ def start_smtp_sink() -> Proc | None:
         return None
     port = free_port()
     user = ["-u", "nobody"] if os.geteuid() == 0 else []  # it refuses to run as root
-    proc = Proc([exe, *user, "-c", f"127.0.0.1:{port}", "256"])
+    # No -c: its running counter would fill the unread stdout pipe and stall it.
+    proc = Proc([exe, *user, f"127.0.0.1:{port}", "256"])
     proc.port = port
     wait_port(port)
     return proc
@@ -234,14 +235,32 @@ def wait_until(predicate: Any, timeout: float, what: str) -> None:
         time.sleep(0.02)
 
 
-def sink_arrivals(log: Path) -> dict[str, float]:
-    """Subject -> first arrival time."""
-    out: dict[str, float] = {}
-    if log.exists():
-        for line in log.read_text().splitlines():
-            t, _, subject = line.partition(" ")
-            out.setdefault(subject, float(t))
-    return out
+class SinkLog:
+    """The report sink's log, read incrementally: Subject -> first arrival time.
+
+    Incremental so that polling it costs the machine almost nothing while the
+    daemon is being measured."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        self.arrivals: dict[str, float] = {}
+
+    def refresh(self) -> dict[str, float]:
+        if self.path.exists():
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+            complete = chunk[: chunk.rfind(b"\n") + 1]
+            self.offset += len(complete)
+            for line in complete.decode("latin-1").splitlines():
+                t, _, subject = line.partition(" ")
+                self.arrivals.setdefault(subject, float(t))
+        return self.arrivals
+
+    def has_all(self, subjects: list[str]) -> bool:
+        arrivals = self.refresh()
+        return all(s in arrivals for s in subjects)
 
 
 # -- the run -------------------------------------------------------------------
@@ -266,9 +285,9 @@ def run(quick: bool, synchronous: str) -> tuple[list[Row], dict[str, Any]]:
     rows: list[Row] = []
     raw: dict[str, Any] = {}
     tmp = Path(tempfile.mkdtemp(prefix="mb-bench-"))
-    sink_log = tmp / "sink.log"
+    sink_log = SinkLog(tmp / "sink.log")
     provider = start_server("provider")
-    sink = start_server("sink", "--log", str(sink_log))
+    sink = start_server("sink", "--log", str(sink_log.path))
     procs = [provider, sink]
     try:
         limits: dict[tuple[int, bool], float] = {}
@@ -331,12 +350,12 @@ def run(quick: bool, synchronous: str) -> tuple[list[Row], dict[str, Any]]:
                 e2e, e2e_ids, e2e_start = r, ids, start
             # Let the pipeline drain before the next intake scenario.
             wait_until(
-                lambda ids=ids: all(f"etatNot {e}" in sink_arrivals(sink_log) for e in ids),
+                lambda ids=ids: sink_log.has_all([f"etatNot {e}" for e in ids]),
                 600,
                 "the Nots of an intake scenario",
             )
         assert e2e is not None
-        arrivals = sink_arrivals(sink_log)
+        arrivals = sink_log.refresh()
         nots = [arrivals[f"etatNot {e}"] for e in e2e_ids]
         latencies = sorted(arrivals[f"etatNot {e}"] - e2e.done_at[i] for i, e in enumerate(e2e_ids))
         e2e_rate = len(e2e_ids) / (max(nots) - e2e_start)

@@ -157,6 +157,9 @@ class RelayConfig(_Model):
     username: str | None = None
     password: str | None = None
     timeout_s: float = Field(30.0, gt=0)
+    # Reports in flight at once, each on its own reused connection: a burst of
+    # Nots is not paced by one connection's round trips.
+    connections: int = Field(4, ge=1, le=64)
 
 
 class ReportsConfig(_Model):

@@ -19,6 +19,7 @@ import logging
 import os
 import random
 import socket
+from collections import defaultdict
 from pathlib import Path
 from typing import Protocol
 
@@ -31,11 +32,14 @@ from mailbridge.report import ReportRenderer, compose_mail
 from mailbridge.store import Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
-CLAIM_BATCH = 50
+CLAIM_BATCH = 200
 LEASE_S = 300.0
+MAILDIR_PARALLEL = 4  # file writes in flight (each fsyncs; threads overlap them)
 
 
 class ReportSink(Protocol):
+    parallel: int  # deliveries the sink takes at once
+
     async def deliver(self, job: ReportJob, mail: bytes, envelope_from: str) -> None:
         """Deliver one mail or raise."""
         ...
@@ -45,6 +49,8 @@ class ReportSink(Protocol):
 
 class MaildirSink:
     """Writes each report as a file in Maildir/new (tmp, fsync, rename)."""
+
+    parallel = MAILDIR_PARALLEL
 
     def __init__(self, root: Path, instance_id: str) -> None:
         self.root = root
@@ -88,12 +94,17 @@ class MaildirSink:
 
 
 class SmtpRelaySink:
-    """Sends through an SMTP relay with aiosmtplib, reusing one connection."""
+    """Sends through an SMTP relay with aiosmtplib: a pool of `connections`
+    reused connections, opened on demand, one delivery on each at a time."""
 
     def __init__(self, relay: RelayConfig) -> None:
         self.relay = relay
-        self._smtp: aiosmtplib.SMTP | None = None
-        self._lock = asyncio.Lock()
+        self.parallel = relay.connections
+        # Idle slots: a connected client, or None for a slot not connected yet.
+        self._idle: asyncio.Queue[aiosmtplib.SMTP | None] = asyncio.Queue()
+        for _ in range(relay.connections):
+            self._idle.put_nowait(None)
+        self._open: set[aiosmtplib.SMTP] = set()
 
     async def _connect(self) -> aiosmtplib.SMTP:
         r = self.relay
@@ -110,26 +121,41 @@ class SmtpRelaySink:
         return smtp
 
     async def deliver(self, job: ReportJob, mail: bytes, envelope_from: str) -> None:
-        async with self._lock:
+        smtp = await self._idle.get()
+        try:
             for attempt in (1, 2):
-                if self._smtp is None or not self._smtp.is_connected:
-                    self._smtp = await self._connect()
+                if smtp is None or not smtp.is_connected:
+                    self._forget(smtp)
+                    smtp = None
+                    smtp = await self._connect()
+                    self._open.add(smtp)
                 try:
-                    await self._smtp.sendmail(envelope_from, [job.to_addr], mail)
+                    await smtp.sendmail(envelope_from, [job.to_addr], mail)
                     return
                 except aiosmtplib.SMTPServerDisconnected:
                     # The relay closed an idle reused connection: reconnect once.
-                    self._smtp = None
+                    self._forget(smtp)
+                    smtp = None
                     if attempt == 2:
                         raise
+        finally:
+            if smtp is not None and not smtp.is_connected:
+                self._forget(smtp)
+                smtp = None
+            self._idle.put_nowait(smtp)  # the slot goes back, connected or not
+
+    def _forget(self, smtp: aiosmtplib.SMTP | None) -> None:
+        if smtp is not None:
+            self._open.discard(smtp)
 
     async def aclose(self) -> None:
-        if self._smtp is not None and self._smtp.is_connected:
-            try:
-                await self._smtp.quit()
-            except aiosmtplib.SMTPException:
-                self._smtp.close()
-        self._smtp = None
+        for smtp in list(self._open):
+            if smtp.is_connected:
+                try:
+                    await smtp.quit()
+                except aiosmtplib.SMTPException:
+                    smtp.close()
+        self._open.clear()
 
 
 def make_sink(config: ReportsConfig, instance_id: str) -> ReportSink:
@@ -186,15 +212,40 @@ class Mailer:
         return True
 
     async def run_once(self) -> int:
-        """Deliver every report due now; return how many were delivered."""
+        """Deliver every report due now; return how many were delivered.
+
+        Reports of different requests go out concurrently (up to the sink's
+        `parallel`); the reports of one request go in order, so an Ack is
+        never overtaken by its Not. Their `sent` marks share commits.
+        """
         delivered = 0
+        slots = asyncio.Semaphore(max(1, self.sink.parallel))
+
+        async def deliver_in_order(jobs: list[ReportJob]) -> int:
+            async with slots:
+                done = 0
+                for job in jobs:
+                    done += await self.deliver(job)
+                return done
+
         while True:
             jobs = await self.store.claim_reports(self.clock.time(), CLAIM_BATCH, LEASE_S)
             if not jobs:
                 return delivered
-            for job in jobs:
-                if await self.deliver(job):
-                    delivered += 1
+            by_request: dict[int, list[ReportJob]] = defaultdict(list)
+            for job in jobs:  # claim_reports returns them in id order
+                by_request[job.request_id].append(job)
+            outcomes = await asyncio.gather(
+                *(deliver_in_order(j) for j in by_request.values()), return_exceptions=True
+            )
+            for outcome in outcomes:
+                if isinstance(outcome, StoreUnavailable):
+                    raise outcome
+                if isinstance(outcome, BaseException):
+                    # Its claim lapses after LEASE_S and it is tried again.
+                    log.error("reports: unexpected error: %r", outcome)
+                else:
+                    delivered += outcome
 
     async def run(self, wake: asyncio.Event, stopping: asyncio.Event) -> None:
         """Deliver reports until `stopping` is set; `wake` says new ones may be due."""
