@@ -101,7 +101,8 @@ class SmtpRelaySink:
         self.relay = relay
         self.parallel = relay.connections
         # Idle slots: a connected client, or None for a slot not connected yet.
-        self._idle: asyncio.Queue[aiosmtplib.SMTP | None] = asyncio.Queue()
+        # LIFO: the connection just used is reused first; others open on demand.
+        self._idle: asyncio.LifoQueue[aiosmtplib.SMTP | None] = asyncio.LifoQueue()
         for _ in range(relay.connections):
             self._idle.put_nowait(None)
         self._open: set[aiosmtplib.SMTP] = set()

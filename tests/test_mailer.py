@@ -169,3 +169,39 @@ async def test_maildir_delivery_is_idempotent(store: SqliteStore, tmp_path: Path
     assert await mailer.run_once() == 2  # the Ack again (found, not rewritten) and the Not
     assert len(maildir_reports(tmp_path / "md")) == 2
     assert (await store.status(clock.time()))["reports"] == {"sent": 2}
+
+
+async def test_reports_go_out_on_parallel_connections_in_order_per_request(
+    store: SqliteStore,
+) -> None:
+    """A burst of reports uses up to `connections` relay connections at once,
+    and each request's Ack still reaches the relay before its Not."""
+    clock = FakeClock(START)
+    handler = RelaySink()
+    loop = asyncio.get_running_loop()
+
+    def protocol() -> SMTP:
+        handler.connections += 1
+        return SMTP(handler, hostname="relay.test")
+
+    server = await loop.create_server(protocol, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    relay = RelayConfig(host="127.0.0.1", port=port, connections=3)
+    sink = SmtpRelaySink(relay)
+    mailer = Mailer(store, sink, ReportRenderer(), reports_config(smtp=relay.model_dump()), clock)
+    for i in range(12):
+        await store.add_request(new_request(f"burst-{i}"))
+    try:
+        assert await mailer.run_once() == 24
+    finally:
+        await sink.aclose()
+        server.close()
+    assert handler.connections == 3
+    kinds: dict[bytes, list[str]] = {}
+    for mail in handler.mails:
+        email_id = mail.data.split(b"<emailId>")[1].split(b"</emailId>")[0]
+        kinds.setdefault(email_id, []).append(mail.rcpt_tos[0])
+    assert kinds == {
+        f"burst-{i}".encode(): ["ack@client.test", "not@client.test"] for i in range(12)
+    }
+    assert (await store.status(clock.time()))["reports"] == {"sent": 24}
