@@ -152,11 +152,15 @@ class _TextMaker:
         body = unicodedata.normalize("NFC", raw).replace(LINE_BREAK, "\n")
         if self.account.transliterate:
             body = gsm.transliterate(body)
-        fitted = gsm.fit(body, self.suffix, self.limit)
-        if fitted != body:
-            self.cut += 1
-        text = fitted + self.suffix
-        result = (text, gsm.segment(text))
+        text = body + self.suffix
+        seg = gsm.segment(text)
+        if seg.parts > self.limit:  # only then cut (fit would count the whole text again)
+            fitted = gsm.fit(body, self.suffix, self.limit)
+            if fitted != body:
+                self.cut += 1
+            text = fitted + self.suffix
+            seg = gsm.segment(text)
+        result = (text, seg)
         if len(self._cache) < 10_000:  # personalised CSVs would only fill memory
             self._cache[raw] = result
         return result

@@ -376,6 +376,9 @@ class DispatchConfig(_Model):
     # Requests claimed together: their SMS share provider requests (one CM call
     # for the SMS of many emails that arrived together).
     batch_requests: int = Field(200, ge=1)
+    # Provider calls of one batch in flight at once: while one call waits for
+    # its answer, the next is built and the last one's results are written.
+    calls_in_flight: int = Field(4, ge=1, le=64)
     lease_s: float = Field(300.0, gt=0)  # a claim older than this is taken back
     max_attempts: int = Field(10, ge=1)  # request-level failures before quarantine
     provider_wait_s: float = Field(60.0, gt=0)  # wait before retrying a request whose route is down

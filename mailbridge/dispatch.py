@@ -270,10 +270,33 @@ class Dispatcher:
             groups[name].append(_Item(claimed, rcpt, route))
         if final:
             await self.store.record_results(final, now)
-        for name, group in groups.items():
-            size = self.providers[name].max_batch
-            for start in range(0, len(group), size):
-                await self._send_chunk(name, group[start : start + size])
+        chunks = [
+            (name, group[start : start + self.providers[name].max_batch])
+            for name, group in groups.items()
+            for start in range(0, len(group), self.providers[name].max_batch)
+        ]
+        if len(chunks) == 1:
+            await self._send_chunk(*chunks[0])
+            return
+        slots = asyncio.Semaphore(self.config.calls_in_flight)
+
+        async def send(name: str, chunk: Sequence[_Item]) -> None:
+            async with slots:
+                await self._send_chunk(name, chunk)
+
+        # Every chunk runs to its end (none is cut off mid-call by another's
+        # failure, which would leave its recipients in doubt); then the first
+        # error, if any, goes up to process().
+        errors = [
+            e
+            for e in await asyncio.gather(*(send(n, c) for n, c in chunks), return_exceptions=True)
+            if e is not None
+        ]
+        for error in errors:
+            if isinstance(error, asyncio.CancelledError):
+                raise error
+        if errors:
+            raise errors[0]
 
     async def _reserve(self, chunk: Sequence[_Item]) -> tuple[list[_Item], list[RecipientResult]]:
         """Take credit for the chunk; recipients beyond their account's credit get 12."""

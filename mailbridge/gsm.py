@@ -96,7 +96,9 @@ def segment(text: str) -> Segmentation:
     if not text:
         return Segmentation("gsm7", 0, 1)
     if text.isascii() and _ASCII_NON_GSM.isdisjoint(text):
-        extension = sum(text.count(c) for c in _ASCII_EXTENSION)
+        extension = (
+            0 if _ASCII_EXTENSION.isdisjoint(text) else sum(map(text.count, _ASCII_EXTENSION))
+        )
         units = len(text) + extension
         parts = _parts(units, lambda: map(_gsm_cost, text), extension == 0, "gsm7")
         return Segmentation("gsm7", units, parts)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from email.utils import parseaddr
@@ -98,6 +99,15 @@ class Examined:
     checked: CheckedRequest
 
 
+# `<local@domain>` in its plain dot-atom form, optionally followed by
+# parameters (not by a comment): by far the most common MAIL/RCPT argument.
+_PLAIN_ANGLE_ADDR = re.compile(
+    r"\s*<((?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+\.)*[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+    r"@(?:[A-Za-z0-9-]+\.)*[A-Za-z0-9-]+)>\s*(|[^(\s].*)",
+    re.DOTALL,
+)
+
+
 class IntakeSMTP(SMTP):
     """aiosmtpd's SMTP with our replies, a connection gate and a timeout reply.
 
@@ -148,6 +158,18 @@ class IntakeSMTP(SMTP):
         if isinstance(self.transport, asyncio.WriteTransport):
             self.transport.write(f"{REPLY_TIMEOUT.format(self.hostname)}\r\n".encode())
         super()._timeout_cb()  # type: ignore[no-untyped-call]
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # Same result as aiosmtpd's, which runs the RFC 5322 header parser and
+        # builds a typing.Protocol class on every MAIL and RCPT (a tenth of the
+        # intake's CPU, measured); plain addresses skip both.
+        match = _PLAIN_ANGLE_ADDR.fullmatch(arg)
+        if match is None:
+            return super()._getaddr(arg)
+        addr, rest = match.group(1), match.group(2)
+        if self.local_part_limit and len(addr.rpartition("@")[0]) > self.local_part_limit:
+            return None, None
+        return addr, rest
 
     def restart_timer(self) -> None:
         """Restart the idle timer: the client is not charged for our processing."""

@@ -31,13 +31,14 @@ is possible when the earlier attempt did reach CM.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import httpx
+import orjson
 
 from mailbridge.codes import CM_AUTH_ERROR_CODES, Code, cm_failure, provider_code
 from mailbridge.config import CmProviderConfig
@@ -55,6 +56,7 @@ _REFERENCE_BAD = re.compile(r"[^A-Za-z0-9_]")  # CM: alphanumeric; its own examp
 _CONFIG_STATUSES = (401, 403, 404, 405)
 _HEADERS = {"Content-Type": "application/json; charset=utf-8", "Accept": "application/json"}
 
+_ENTRY_KEYS = ("to", "status", "parts", "messageDetails", "messageErrorCode")
 _GroupKey = tuple[str | None, str, str, str | None, int]
 
 
@@ -63,6 +65,7 @@ def cm_number(e164: str) -> str:
     return "00" + e164[1:] if e164.startswith("+") else e164
 
 
+@lru_cache(maxsize=1024)  # called per message; a batch shares a handful of trackers
 def cm_reference(tracker: str | None) -> str | None:
     """The tracker as a CM reference (1-32 of `[A-Za-z0-9_]`), None when nothing is left."""
     if tracker is None:
@@ -216,7 +219,7 @@ class CmProvider:
                 "msg": msgs,
             }
         }
-        body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        body = orjson.dumps(payload)  # compact UTF-8, as json.dumps(ensure_ascii=False) writes
         timeout = self._config.timeout_s
         try:
             resp = await self._http.post(
@@ -232,8 +235,8 @@ class CmProvider:
         if resp.status_code >= 500:
             raise _Transient(Code.ERROR, f"CM server error HTTP {resp.status_code} {text[:200]}")
         try:
-            data = _lower(resp.json())
-        except ValueError:
+            data = _lower(orjson.loads(resp.content))
+        except orjson.JSONDecodeError:
             data = {}
         code = _int(data.get("errorcode"))
         # 401/403/404/405: wrong token or wrong `url` (CM answers 405 to anything but its
@@ -259,7 +262,12 @@ class CmProvider:
             return [Outcome(m.key, provider_code(kind), detail=detail) for m in _all(req)]
         results: dict[str, Outcome] = {}
         for raw in entries:
-            entry = _lower(raw)
+            # CM's own spelling first; other casings through _lower (keys are
+            # case-insensitive), which costs a dict per entry.
+            entry = raw if isinstance(raw, dict) and "to" in raw and "status" in raw else None
+            if entry is None:
+                low = _lower(raw)
+                entry = {k: low.get(k.lower()) for k in _ENTRY_KEYS}
             m = req.numbers.get(_match_key(str(entry.get("to") or "")))
             if m is None or m.key in results:
                 continue
@@ -267,8 +275,8 @@ class CmProvider:
                 parts = entry.get("parts")
                 results[m.key] = Outcome(m.key, Code.SENT, detail=f"accepted, {parts} part(s)")
             else:
-                err = entry.get("messageerrorcode")
-                words = entry.get("messagedetails") or entry.get("status") or "rejected"
+                err = entry.get("messageErrorCode")
+                words = entry.get("messageDetails") or entry.get("status") or "rejected"
                 detail = f"{words} (messageErrorCode {err})"
                 results[m.key] = Outcome(m.key, provider_code(cm_failure(err)), detail=detail)
         for m in _all(req):

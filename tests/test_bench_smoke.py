@@ -1,0 +1,42 @@
+"""The benchmark's smoke run (`bench/run.py --quick`): it must keep working.
+
+No thresholds here (speed is measured by people with the full run, see
+docs/performance.md); this only proves that every scenario still runs to its
+end against the real daemon and reports every figure."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_quick_benchmark_runs_every_scenario(tmp_path: Path) -> None:
+    raw = tmp_path / "raw.json"
+    table = tmp_path / "table.md"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "run.py"), "--quick",
+         "--out", str(table), "--json", str(raw)],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = table.read_text()
+    for row in (
+        "bare aiosmtpd, 1 conn, new",
+        "bare aiosmtpd, 20 conn, reused",
+        "mailbridge intake, 1 conn, new",
+        "mailbridge intake, 20 conn, reused",
+        "mailbridge end to end",
+        "fan-out: 500 numbers, one text",
+        "fan-out: 500 numbers, personal texts",
+        "fan-out: mobiles.csv of 2000 lines",
+    ):
+        assert row in text, row
+    figures = json.loads(raw.read_text())
+    # Same text to 500 numbers: one CM request; every SMS reached the provider.
+    assert figures["500 numbers, one text"]["requests"] == 1
+    assert figures["intake_20_True"]["rate"] > 0
+    assert figures["e2e"]["p99"] >= figures["e2e"]["p50"] > 0

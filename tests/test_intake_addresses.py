@@ -1,0 +1,63 @@
+"""MAIL FROM / RCPT TO argument parsing: IntakeSMTP's fast path for plain
+`<local@domain>` gives exactly what aiosmtpd's RFC 5322 parser gives."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiosmtpd.smtp import SMTP
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mailbridge.intake import IntakeSMTP
+from mailbridge.limits import ConnectionGate
+
+ATEXT = "abcXYZ0189!#$%&'*+/=?^_`{|}~-"
+atom = st.text(ATEXT, min_size=1, max_size=6)
+dot_atom = st.lists(atom, min_size=1, max_size=3).map(".".join)
+label = st.text("abz09-", min_size=1, max_size=6)
+domain = st.lists(label, min_size=1, max_size=3).map(".".join)
+# Mostly well-formed addresses, with hostile bits mixed in.
+noise = st.text(' \t<>@.()"[]\\,;:é', max_size=3)
+rest = st.sampled_from(["", " ", " SIZE=123", " BODY=8BITMIME SMTPUTF8", " (c) X=1", "x", "\t"])
+
+
+def server() -> SMTP:
+    loop = asyncio.new_event_loop()
+    try:
+        return IntakeSMTP(None, ConnectionGate(1, 1), loop=loop)  # type: ignore[arg-type]
+    finally:
+        loop.close()
+
+
+FAST = server()
+REFERENCE = SMTP(None, loop=FAST.loop)  # type: ignore[arg-type]
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    local=dot_atom,
+    dom=domain,
+    before=noise,
+    middle=noise,
+    after=rest,
+    lead=st.sampled_from(["", " "]),
+)
+def test_fast_address_parsing_matches_aiosmtpd(
+    local: str, dom: str, before: str, middle: str, after: str, lead: str
+) -> None:
+    for arg in (
+        f"{lead}<{local}@{dom}>{after}",
+        f"{lead}<{before}{local}@{dom}{middle}>{after}",
+        f"{local}@{dom}{after}",
+    ):
+        assert FAST._getaddr(arg) == REFERENCE._getaddr(arg), arg
+
+
+def test_local_part_limit_still_applies() -> None:
+    FAST.local_part_limit = 4
+    try:
+        assert FAST._getaddr("<abcde@x.test>") == (None, None)
+        assert FAST._getaddr("<abcd@x.test> SIZE=1") == ("abcd@x.test", "SIZE=1")
+    finally:
+        FAST.local_part_limit = 0
