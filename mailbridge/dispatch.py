@@ -150,6 +150,9 @@ class Dispatcher:
 
                 task.add_done_callback(finished)
             await nap(wake, stopping, await self._idle_time())
+            if self.config.linger_s > 0 and wake.is_set():
+                # Woken by new work: let the rest of a burst arrive first.
+                await nap(stopping, stopping, self.config.linger_s)
         if tasks:
             log.info("dispatch: stopping, waiting for %d batch(es) in flight", len(tasks))
             _, late = await asyncio.wait(tasks, timeout=grace_s)

@@ -1,0 +1,107 @@
+"""Where the daemon's time goes: py-spy samples of the real daemon under load.
+
+    .venv/bin/pip install py-spy
+    .venv/bin/python bench/profile.py burst      # 3000 single-recipient emails, 20 connections
+    .venv/bin/python bench/profile.py csv        # one mobiles.csv of 100 000 lines
+
+Samples only while the GIL is held (`py-spy --gil`): CPU spent in Python, the
+resource the daemon's threads share. Prints each thread's share and the share
+of the pipeline stages (a sample counts for every stage on its stack).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run as bench  # noqa: E402
+
+# Stage -> a frame (function name) that marks it on a stack.
+STAGES = {
+    "SMTP dialogue (aiosmtpd)": "SMTP._handle_client",
+    "  parse + checks (examine)": "IntakeHandler.examine",
+    "store thread (SQLite)": "SqliteStore._serve",
+    "dispatch (routing, batching)": "Dispatcher.process",
+    "  provider adapter (CM JSON, HTTP)": "CmProvider.send",
+    "reports (render + aiosmtplib)": "Mailer.deliver",
+    "  aiosmtplib sendmail": "SMTP.sendmail",
+    "  report rendering (jinja2)": "ReportRenderer.body",
+}
+
+
+def summarise(raw: Path) -> str:
+    total = 0
+    threads: collections.Counter[str] = collections.Counter()
+    stages: collections.Counter[str] = collections.Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        n = int(count)
+        total += n
+        frames = stack.split(";")
+        threads[frames[0].split(":")[-1].strip().rstrip(")")] += n
+        names = {f.split(" (")[0] for f in frames[1:]}
+        for stage, marker in STAGES.items():
+            if marker in names:
+                stages[stage] += n
+    out = [f"{total} samples holding the GIL"]
+    out += [f"  thread {name}: {n / total:.0%}" for name, n in threads.most_common()]
+    out += [f"  {stage}: {stages[stage] / total:.0%}" for stage in STAGES]
+    return "\n".join(out)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("scenario", choices=["burst", "csv"])
+    args = parser.parse_args()
+    spy_exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    tmp = Path(tempfile.mkdtemp(prefix="mb-profile-"))
+    sink_log = bench.SinkLog(tmp / "sink.log")
+    provider = bench.start_server("provider")
+    sink = bench.start_server("sink", "--log", str(sink_log.path))
+    daemon = bench.start_daemon(tmp / "d", provider.port, sink.port, "full")
+    raw = tmp / "profile.txt"
+    spy = subprocess.Popen(
+        [spy_exe, "record", "-p", str(daemon.p.pid), "-o", str(raw), "-f", "raw",
+         "-r", "200", "--threads", "--gil"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        time.sleep(1)  # py-spy attaches
+        if args.scenario == "burst":
+            mails, ids = bench.single_mails(3000, "prof")
+            bench.load(daemon.port, mails, 20, True)
+            bench.wait_until(
+                lambda: sink_log.has_all([f"etatNot {e}" for e in ids]), 600, "the Nots"
+            )
+        else:
+            lines = 100_000
+            mobiles = "".join(f"06{10_000_000 + i:08d};;client {i}\n" for i in range(lines))
+            mail = bench.envoi_mail(
+                secrets.token_hex(6),
+                {},
+                {"mobiles.csv": mobiles.encode(), "message.csv": b"Bonjour [1], votre colis"},
+            )
+            bench.load(daemon.port, [mail], 1, False)
+            bench.wait_until(
+                lambda: bench.provider_stats(provider.port)["messages"] >= lines, 600, "the SMS"
+            )
+    finally:
+        spy.send_signal(2)
+        spy.wait()
+        for p in (daemon, provider, sink):
+            p.stop()
+    print(summarise(raw))
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
