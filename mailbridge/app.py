@@ -1,8 +1,9 @@
 """The composition root: builds every part from the Config and runs them.
 
-`Daemon.start()` opens the store, recovers a previous run's unfinished work,
-builds the providers and the report sink, starts the SMTP listener, the
-dispatcher and the mailer, and tells systemd READY. `Daemon.stop()` stops
+`Daemon.start()` locks and opens the store, recovers a previous run's
+unfinished work, starts the SMTP listener and the send and report stages (in a
+worker process of their own by default, see worker.py), and tells systemd
+READY. `Daemon.stop()` stops
 accepting mail, lets in-flight sends finish (or parks them in the store), and
 closes everything. No globals: tests build a Daemon with a fake clock.
 """
@@ -12,28 +13,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import ssl
+import time
 from dataclasses import dataclass, field
 
-import httpx
-
 from mailbridge.checks import AccountRules
-from mailbridge.clock import Clock, SystemClock
+from mailbridge.clock import Clock, SystemClock, nap
 from mailbridge.config import Config, parse_hostport
-from mailbridge.dispatch import Dispatcher
 from mailbridge.intake import COMMAND_LIMITS, IntakeHandler, IntakeSMTP
 from mailbridge.limits import ConnectionGate, IntakeLimits
-from mailbridge.mailer import Mailer, ReportSink, make_sink
 from mailbridge.numbers import normalise_blacklist
-from mailbridge.providers import Provider, build_provider
 from mailbridge.quiet_hours import QuietHours
-from mailbridge.report import ReportRenderer
 from mailbridge.sdnotify import notify, watchdog_interval
-from mailbridge.store import Store, open_store
+from mailbridge.store import Store, StoreUnavailable, open_store
+from mailbridge.worker import STOP_GRACE_S, WorkerProcess, acquire_store_lock, run_senders
 
 log = logging.getLogger(__name__)
-STOP_GRACE_S = 30.0
 
 
 def build_rules(config: Config) -> dict[str, AccountRules]:
@@ -74,43 +71,26 @@ class Daemon:
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
     _work: asyncio.Event = field(default_factory=asyncio.Event)
     _reports: asyncio.Event = field(default_factory=asyncio.Event)
-    _http: httpx.AsyncClient | None = None
-    _providers: dict[str, Provider] = field(default_factory=dict)
-    _sink: ReportSink | None = None
+    _worker: WorkerProcess | None = None
+    _lock_fd: int | None = None
 
     def wake(self) -> None:
         """New work may be due: the dispatcher and the mailer look now."""
-        self._work.set()
-        self._reports.set()
+        if self._worker is not None:
+            self._worker.wake()
+        else:
+            self._work.set()
+            self._reports.set()
 
     async def start(self) -> None:
         config = self.config
+        # Before recover(): a previous run's worker may still be sending.
+        self._lock_fd = await acquire_store_lock(config)
         self.store = store = open_store(config.store)
         await store.open()
         released = await store.recover()
         if released:
             log.warning("recovered %d request(s) left in flight by a previous run", released)
-        self._http = httpx.AsyncClient(
-            limits=httpx.Limits(
-                max_connections=config.dispatch.http_max_connections,
-                max_keepalive_connections=config.dispatch.http_max_keepalive,
-            ),
-            headers={"User-Agent": "mailbridge"},
-        )
-        self._providers = {
-            name: build_provider(name, pc, self._http) for name, pc in config.providers.items()
-        }
-        self._sink = make_sink(config.reports, store.instance_id)
-        mailer = Mailer(store, self._sink, ReportRenderer(), config.reports, self.clock)
-        dispatcher = Dispatcher(
-            store,
-            self._providers,
-            config.providers,
-            {a.keyid: a for a in config.accounts},
-            config.dispatch,
-            self.clock,
-            on_done=self._reports.set,
-        )
         handler = IntakeHandler(
             config,
             build_rules(config),
@@ -120,15 +100,49 @@ class Daemon:
             limits=IntakeLimits.from_config(config, self.clock),
         )
         await self._listen(handler)
-        self._tasks = [
-            asyncio.create_task(dispatcher.run(self._work, self._stopping, STOP_GRACE_S)),
-            asyncio.create_task(mailer.run(self._reports, self._stopping)),
-        ]
+        if config.dispatch.separate_process:
+            self._worker = WorkerProcess(config, self._lock_fd)
+            await self._worker.start()
+            self._tasks = [asyncio.create_task(self._supervise(self._worker))]
+        else:
+            self._tasks = [
+                asyncio.create_task(
+                    run_senders(
+                        config, store, self.clock, self._work, self._reports, self._stopping
+                    )
+                )
+            ]
         if (interval := watchdog_interval()) is not None:
             self._tasks.append(asyncio.create_task(self._watchdog(interval)))
         listening = ", ".join(f"{h}:{p}" for h, p in self.addresses)
         log.info("mailbridge ready: SMTP on %s", listening)
         notify(f"READY=1\nSTATUS=listening on smtp {listening}")
+
+    async def _supervise(self, worker: WorkerProcess) -> None:
+        """Restart the worker process if it dies while the daemon runs.
+
+        Its claims and in-flight attempts are released first (as at a start),
+        which is safe because it is gone; restarts back off up to a minute.
+        """
+        assert self.store is not None
+        delay = 1.0
+        while True:
+            started = time.monotonic()
+            code = await worker.wait()
+            if self._stopping.is_set():
+                return
+            if time.monotonic() - started > 60:
+                delay = 1.0
+            log.error("worker process exited with status %s: restarting in %.0f s", code, delay)
+            await nap(self._stopping, self._stopping, delay)
+            if self._stopping.is_set():
+                return
+            delay = min(60.0, delay * 2)
+            try:
+                await self.store.recover()
+                await worker.start()
+            except (OSError, StoreUnavailable) as err:
+                log.error("worker process: cannot restart: %s", err)
 
     async def _listen(self, handler: IntakeHandler) -> None:
         smtp = self.config.smtp
@@ -174,16 +188,15 @@ class Daemon:
         for server in self._servers:
             server.close()
         self._stopping.set()
+        if self._worker is not None:
+            await self._worker.stop(STOP_GRACE_S + 15)
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        for provider in self._providers.values():
-            await provider.aclose()
-        if self._sink is not None:
-            await self._sink.aclose()
-        if self._http is not None:
-            await self._http.aclose()
         if self.store is not None:
             await self.store.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
         log.info("stopped")
 
     async def serve(self) -> None:

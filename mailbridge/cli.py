@@ -23,7 +23,7 @@ from mailbridge.config import Config, ConfigError, load_config, parse_hostport
 DEFAULT_CONFIG = Path("config.yaml")
 
 
-def _setup_logging(level: str) -> None:
+def setup_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -48,7 +48,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from mailbridge.app import Daemon
 
     config = _load(args.config)
-    _setup_logging(config.log_level)
+    setup_logging(config.log_level)
     try:
         asyncio.run(Daemon(config).serve())
     except OSError as err:  # e.g. the port is taken

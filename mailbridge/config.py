@@ -393,6 +393,10 @@ class DispatchConfig(_Model):
     # The one HTTP client all providers share: connections open at once, kept alive.
     http_max_connections: int = Field(50, ge=1)
     http_max_keepalive: int = Field(20, ge=0)
+    # Sending and reporting run in a child process of their own, so that the SMTP
+    # intake keeps a core (and the GIL) to itself. false: one process (simpler
+    # to debug, slower under load).
+    separate_process: bool = True
 
 
 class Config(_Model):

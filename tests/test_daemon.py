@@ -51,6 +51,8 @@ class Harness:
         self.clock = clock
         raw = config_dict(tmp, **account)
         raw["store"]["busy_timeout_s"] = 0.2
+        # One process: the FakeClock must rule the send and report stages too.
+        raw.setdefault("dispatch", {})["separate_process"] = False
         self.daemon = Daemon(parse_config(raw, base_dir=tmp), clock=clock)
 
     async def submit(self, **fields: str) -> tuple[int, str]:

@@ -494,6 +494,8 @@ async def inproc(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     async def run(cfg: dict[str, Any] | None = None, **smtp: Any) -> tuple[Daemon, FakeClock, int]:
         cfg = cfg or config_dict(tmp_path)
         cfg["smtp"].update(smtp)
+        # One process: the FakeClock must rule the send and report stages too.
+        cfg.setdefault("dispatch", {})["separate_process"] = False
         clock = FakeClock(NOON)
         daemon = Daemon(parse_config(cfg, base_dir=tmp_path), clock=clock)
         await daemon.start()
