@@ -182,7 +182,7 @@ class WorkerProcess:
             self.proc.terminate()
         try:
             await asyncio.wait_for(asyncio.shield(self.proc.wait()), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.error("worker process %d did not stop in %.0f s: killed", self.proc.pid, timeout)
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()
