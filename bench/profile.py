@@ -67,9 +67,8 @@ def main() -> int:
     args = parser.parse_args()
     spy_exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     tmp = Path(tempfile.mkdtemp(prefix="mb-profile-"))
-    sink_log = bench.SinkLog(tmp / "sink.log")
     provider = bench.start_server("provider")
-    sink = bench.start_server("sink", "--log", str(sink_log.path))
+    sink, sink_log = bench.start_report_sink(tmp)
     daemon = bench.start_daemon(tmp / "d", provider.port, sink.port, "full")
     raw = tmp / "profile.txt"
     spy = subprocess.Popen(

@@ -46,12 +46,13 @@ def _load(path: Path) -> Config:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from mailbridge.app import Daemon
+    from mailbridge.store import StoreUnavailable
 
     config = _load(args.config)
     setup_logging(config.log_level)
     try:
         asyncio.run(Daemon(config).serve())
-    except OSError as err:  # e.g. the port is taken
+    except (OSError, StoreUnavailable) as err:  # the port is taken, the store is locked...
         logging.getLogger("mailbridge").error("cannot start: %s", err)
         return 1
     return 0

@@ -397,6 +397,9 @@ class DispatchConfig(_Model):
     # intake keeps a core (and the GIL) to itself. false: one process (simpler
     # to debug, slower under load).
     separate_process: bool = True
+    # Niceness of that process: when the CPU is short, the SMTP dialogue (a
+    # client waiting) goes first and sending catches up after the burst.
+    process_nice: int = Field(10, ge=0, le=19)
 
 
 class Config(_Model):

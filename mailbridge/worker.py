@@ -237,6 +237,11 @@ def main(argv: list[str]) -> int:
     from mailbridge.cli import setup_logging
 
     setup_logging(config.log_level)
+    if config.dispatch.process_nice:
+        try:  # senders waiting on the SMTP dialogue come first when the CPU is short
+            os.nice(config.dispatch.process_nice)
+        except OSError as err:
+            log.warning("worker: cannot lower its CPU priority (nice): %s", err)
     try:
         asyncio.run(_child(config, wake_fd))
     except StoreUnavailable as err:

@@ -19,6 +19,7 @@ import queue
 import secrets
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -226,7 +227,7 @@ class SqliteStore:
                     op.settle(error=err)
             return
         try:
-            db.execute("BEGIN IMMEDIATE")
+            self._begin(db)
         except sqlite3.Error as err:  # locked past busy_timeout_s
             for op in batch:
                 op.settle(error=err)
@@ -264,6 +265,28 @@ class SqliteStore:
             return
         for op, result, error in done:
             op.settle(result, error)
+
+    def _begin(self, db: sqlite3.Connection) -> None:
+        """BEGIN IMMEDIATE, waiting for the other process's writer in small steps.
+
+        SQLite's own busy handler sleeps 1, 2, 5, 10, 15, 20 ms... between tries:
+        while the worker process commits (about a millisecond), the intake would
+        sleep far longer than the lock is held. Polling every 0.2 ms follows the
+        holder closely; busy_timeout_s still bounds the wait (then 451).
+        """
+        db.execute("PRAGMA busy_timeout = 0")
+        try:
+            deadline = time.monotonic() + self.busy_timeout_s
+            while True:
+                try:
+                    db.execute("BEGIN IMMEDIATE")
+                    return
+                except sqlite3.OperationalError as err:
+                    if "locked" not in str(err) or time.monotonic() >= deadline:
+                        raise
+                time.sleep(0.0002)
+        finally:
+            db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
