@@ -28,8 +28,8 @@ import run as bench  # noqa: E402
 # worker thread and provider calls in their own tasks: each stage is marked by
 # its own frames, not by a parent's.
 STAGES = {
-    "SMTP dialogue (aiosmtpd, main thread)": ("SMTP._handle_client",),
-    "parse + checks (examine, worker thread)": ("IntakeHandler.examine",),
+    "SMTP dialogue (aiosmtpd)": ("SMTP._handle_client",),
+    "parse + checks (examine)": ("IntakeHandler.examine",),
     "store thread (SQLite)": ("SqliteStore._serve",),
     "dispatch (claim, route, batch, record)": ("Dispatcher.process", "Dispatcher._send_chunk"),
     "  of which the provider adapter (CM JSON, HTTP)": ("CmProvider.send",),
@@ -48,8 +48,18 @@ def summarise(raw: Path) -> str:
         n = int(count)
         total += n
         frames = stack.split(";")
-        threads[frames[0].split(":")[-1].strip().rstrip(")")] += n
-        names = {f.split(" (")[0] for f in frames[1:]}
+        # py-spy --subprocesses: "process <pid>:<command>" frames (the parent's,
+        # then the child's), then "thread (<id>): <name>".
+        head = 0
+        while head < len(frames) and frames[head].startswith(("process ", "thread ")):
+            head += 1
+        where = frames[:head]
+        process = next((f for f in reversed(where) if f.startswith("process ")), "")
+        thread = next((f for f in where if f.startswith("thread ")), "")
+        label = "worker process" if "mailbridge.worker" in process else "intake process"
+        label += " / " + (thread.split(":", 1)[1].strip() if ":" in thread else "thread")
+        threads[label] += n
+        names = {f.split(" (")[0] for f in frames[head:]}
         for stage, markers in STAGES.items():
             if names.intersection(markers):
                 stages[stage] += n
@@ -73,7 +83,7 @@ def main() -> int:
     raw = tmp / "profile.txt"
     spy = subprocess.Popen(
         [spy_exe, "record", "-p", str(daemon.p.pid), "-o", str(raw), "-f", "raw",
-         "-r", "200", "--threads", "--gil"],
+         "-r", "200", "--threads", "--gil", "--subprocesses"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:

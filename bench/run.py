@@ -458,9 +458,8 @@ def run(quick: bool, synchronous: str) -> tuple[list[Row], dict[str, Any]]:
             ("500 numbers, one text", same),
             ("500 numbers, personal texts", personal),
         ):
-            rows.append(
-                fan_out(daemon, provider, label, envoi_mail(secrets.token_hex(6), fields), 500, raw)
-            )
+            mails = [envoi_mail(secrets.token_hex(6), fields) for _ in range(3 if quick else 10)]
+            rows.append(fan_out(daemon, provider, label, mails, 500, raw))
         daemon.stop()
 
         # A fresh daemon so that its peak RSS is the CSV's.
@@ -475,7 +474,9 @@ def run(quick: bool, synchronous: str) -> tuple[list[Row], dict[str, Any]]:
             {"mobiles.csv": mobiles, "message.csv": b"Bonjour [1], votre colis arrive demain"},
         )
         rows.append(
-            fan_out(daemon, provider, f"mobiles.csv of {csv_lines} lines", csv_mail, csv_lines, raw)
+            fan_out(
+                daemon, provider, f"mobiles.csv of {csv_lines} lines", [csv_mail], csv_lines, raw
+            )
         )
         daemon.stop()
     finally:
@@ -486,27 +487,36 @@ def run(quick: bool, synchronous: str) -> tuple[list[Row], dict[str, Any]]:
 
 
 def fan_out(
-    daemon: Proc, provider: Proc, label: str, mail: bytes, expected: int, raw: dict[str, Any]
+    daemon: Proc, provider: Proc, label: str, mails: list[bytes], expected: int, raw: dict[str, Any]
 ) -> Row:
-    provider_reset(provider.port)
+    """Each mail in turn, alone: median wall time, mean daemon CPU (the kernel
+    counts CPU in 10 ms ticks: a mean over several runs resolves a 50 ms figure)."""
+    walls: list[float] = []
+    requests: list[int] = []
     cpu0 = daemon.cpu_s()
-    start = time.time()
-    load(daemon.port, [mail], 1, False)
-    wait_until(lambda: provider_stats(provider.port)["messages"] >= expected, 600, label)
-    stats = provider_stats(provider.port)
-    wall = stats["last"] - start
-    cpu = daemon.cpu_s() - cpu0
+    for mail in mails:
+        provider_reset(provider.port)
+        start = time.time()
+        load(daemon.port, [mail], 1, False)
+        wait_until(lambda: provider_stats(provider.port)["messages"] >= expected, 600, label)
+        stats = provider_stats(provider.port)
+        walls.append(stats["last"] - start)
+        requests.append(stats["requests"])
+    cpu = (daemon.cpu_s() - cpu0) / len(mails)
+    wall = sorted(walls)[len(walls) // 2]
     raw[label] = {
         "wall": wall,
-        "requests": stats["requests"],
+        "requests": max(requests),
         "cpu": cpu,
         "rss": daemon.peak_rss_mb(),
+        "runs": len(mails),
     }
+    runs = f", median of {len(mails)} runs" if len(mails) > 1 else ""
     return Row(
         f"fan-out: {label}",
         f"{wall * 1000:.0f} ms",
         "",
-        f"{stats['requests']} HTTP request(s), daemon CPU {cpu * 1000:.0f} ms, "
+        f"{max(requests)} HTTP request(s), daemon CPU {cpu * 1000:.0f} ms{runs}, "
         f"peak RSS {daemon.peak_rss_mb():.0f} MB",
     )
 

@@ -29,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+import anyio
 import httpx
 
 from mailbridge.clock import Clock, SystemClock
@@ -64,6 +65,9 @@ async def run_senders(
         ),
         headers={"User-Agent": "mailbridge"},
     )
+    # httpx's first request imports anyio's asyncio backend (a third of a second
+    # of CPU): pay it now rather than while the first SMS waits.
+    anyio.Event()
     providers = {name: build_provider(name, pc, http) for name, pc in config.providers.items()}
     sink = make_sink(config.reports, store.instance_id)
     mailer = Mailer(store, sink, ReportRenderer(), config.reports, clock)
