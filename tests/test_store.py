@@ -10,7 +10,7 @@ import pytest
 
 from mailbridge.model import NewRequest, RecipientDraft, RecipientResult
 from mailbridge.store import StoreUnavailable
-from mailbridge.store.sqlite import SqliteStore
+from mailbridge.store.sqlite import SqliteStore, _runs
 
 NOW = 1_800_000_000.0
 
@@ -157,3 +157,40 @@ async def test_unwritable_store_raises_store_unavailable(tmp_path: Path) -> None
     with pytest.raises(StoreUnavailable):
         await again.add_request(new_request())
     await again.close()
+
+
+def test_runs_of_consecutive_idx() -> None:
+    assert _runs([]) == []
+    assert _runs([7, 1, 3, 2, 9, 8, 3]) == [(1, 3), (7, 9)]
+    assert _runs([5]) == [(5, 5)]
+
+
+async def test_results_by_runs_touch_exactly_their_recipients(store: SqliteStore) -> None:
+    """Same outcomes share one UPDATE per run of idx: interleaved outcomes, gaps
+    and a recipient left out must each end exactly as recorded."""
+    drafts = [
+        RecipientDraft(f"06010203{i:02d}", f"+336010203{i:02d}", "hi", "gsm7", 1, 5)
+        for i in range(10)
+    ]
+    await store.add_request(new_request(recipients=drafts))
+    (claimed,) = await store.claim_requests(NOW, 60, 10)
+    sent = [1, 2, 3, 5, 6, 9]  # accepted, in two runs and a lone one
+    await store.mark_submitting([(claimed.id, i) for i in [*sent, 4, 7, 10]], "cm", NOW + 60)
+    results = [RecipientResult(claimed.id, i, 0, "cm", None, "accepted", NOW) for i in sent]
+    results += [RecipientResult(claimed.id, i, 7, "cm", None, "invalid", NOW) for i in (4, 7)]
+    results.append(RecipientResult(claimed.id, 10, None, "cm", None, "503", NOW + 30, 0, 1))
+    await store.record_results(results, NOW)
+    rows = dict(
+        ((idx, (code, detail, submitting, attempts)))
+        for idx, code, detail, submitting, attempts in store.db.execute(
+            "SELECT idx, code, detail, submitting, attempts FROM recipients WHERE request_id = ?",
+            (claimed.id,),
+        )
+    )
+    assert rows == {
+        **{i: (0, "accepted", 0, 0) for i in sent},
+        4: (7, "invalid", 0, 0),
+        7: (7, "invalid", 0, 0),
+        8: (None, None, 0, 0),  # neither marked nor recorded: untouched
+        10: (None, "503", 0, 1),
+    }

@@ -110,6 +110,17 @@ CREATE TABLE IF NOT EXISTS credits (account TEXT PRIMARY KEY, used INTEGER NOT N
 """
 
 
+def _runs(idxs: list[int]) -> list[tuple[int, int]]:
+    """Sorted runs of consecutive idx: [1, 2, 3, 7] -> [(1, 3), (7, 7)]."""
+    runs: list[tuple[int, int]] = []
+    for idx in sorted(set(idxs)):
+        if runs and runs[-1][1] == idx - 1:
+            runs[-1] = (runs[-1][0], idx)
+        else:
+            runs.append((idx, idx))
+    return runs
+
+
 class _Op:
     """One store call waiting for the store thread."""
 
@@ -464,10 +475,17 @@ class SqliteStore:
                 "UPDATE requests SET claimed_until = ? WHERE id = ?",
                 ((lease_until, request_id) for request_id in {r for r, _ in recipients}),
             )
+            by_request: dict[int, list[int]] = {}
+            for request_id, idx in recipients:
+                by_request.setdefault(request_id, []).append(idx)
             db.executemany(
                 "UPDATE recipients SET submitting = 1, provider = ?"
-                " WHERE request_id = ? AND idx = ?",
-                ((provider, request_id, idx) for request_id, idx in recipients),
+                " WHERE request_id = ? AND idx BETWEEN ? AND ?",
+                (
+                    (provider, request_id, first, last)
+                    for request_id, idxs in by_request.items()
+                    for first, last in _runs(idxs)
+                ),
             )
 
         await self._write(mark)
@@ -487,21 +505,28 @@ class SqliteStore:
     def _record(
         self, db: sqlite3.Connection, results: Sequence[RecipientResult], now: float
     ) -> None:
+        # Recipients with the same outcome (500 numbers accepted by CM in one call)
+        # are updated by runs of idx: one statement instead of one per recipient.
+        same: dict[tuple[Any, ...], list[int]] = {}
+        for r in results:
+            key = (
+                r.code, r.provider, r.provider_message_id, r.detail, r.due_at,
+                r.provider_index, r.attempts, r.request_id,
+            )  # fmt: skip
+            same.setdefault(key, []).append(r.idx)
         db.executemany(
             "UPDATE recipients SET code = ?, provider = coalesce(?, provider),"
             " provider_message_id = coalesce(?, provider_message_id), detail = ?, due_at = ?,"
             " provider_index = ?, attempts = ?, submitting = 0,"
             " in_doubt = CASE WHEN ? IS NULL THEN 1 ELSE in_doubt END,"
             " done_at = CASE WHEN ? IS NULL THEN NULL ELSE ? END"
-            " WHERE request_id = ? AND idx = ?",
+            " WHERE request_id = ? AND idx BETWEEN ? AND ?",
             (
-                (
-                    r.code, r.provider, r.provider_message_id, r.detail, r.due_at,
-                    r.provider_index, r.attempts, r.code, r.code, now, r.request_id, r.idx,
-                )
-                for r in results
+                (*key[:7], key[0], key[0], now, key[7], first, last)
+                for key, idxs in same.items()
+                for first, last in _runs(idxs)
             ),
-        )  # fmt: skip
+        )
         refunds: dict[int, int] = {}
         for r in results:
             if r.refund_parts:
