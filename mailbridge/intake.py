@@ -29,7 +29,6 @@ import logging
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from email.utils import parseaddr
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
@@ -41,7 +40,7 @@ from mailbridge.codes import Ack
 from mailbridge.config import AccountConfig, Config, find_account
 from mailbridge.envoi import Envoi, EnvoiFormatError, parse_envoi
 from mailbridge.limits import ConnectionGate, IntakeLimits, RateLimiter, client_key
-from mailbridge.mime import MailContent, read_mail
+from mailbridge.mime import MailContent, parse_address, read_mail
 from mailbridge.model import NewRequest
 from mailbridge.store import Store, StoreUnavailable
 
@@ -465,7 +464,7 @@ class IntakeHandler:
         """A report address the account's rules allow, else None (logged)."""
         if value is None or not value.strip():
             return None
-        _, address = parseaddr(value.strip())
+        address = parse_address(value)
         local, at, domain = address.rpartition("@")
         if not at or not local or not domain or any(c.isspace() for c in address):
             log.warning(

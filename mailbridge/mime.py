@@ -48,6 +48,12 @@ _ENCODED_WORD_RE = re.compile(
     r"=\?([^?\s]+)\?([QqBb])\?([^?\s]*)\?=(?:\s+(?==\?[^?\s]+\?[QqBb]\?[^?\s]*\?=))?"
 )
 _FOLD_RE = re.compile(r"\r?\n(?=[ \t])")
+# A bare dot-atom address, as almost every machine writes From: and <emailAck>:
+# the stdlib's address parser returns it unchanged, at a fifth of examine's cost.
+_BARE_ADDRESS_RE = re.compile(
+    r"(?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+\.)*[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+    r"@(?:[A-Za-z0-9-]+\.)*[A-Za-z0-9-]+"
+)
 _NOT_BASE64_RE = re.compile(rb"[^A-Za-z0-9+/]")
 
 # Elements after which a reader sees a line break.
@@ -326,11 +332,24 @@ def _html_to_text(html: str) -> str:
 # -- headers -----------------------------------------------------------------------------
 
 
+def parse_address(value: str) -> str:
+    """The address in `value` as `email.utils.parseaddr` reads it ('' if none),
+    without running its parser for a bare `local@domain` (property-tested equal)."""
+    value = value.strip()
+    if _BARE_ADDRESS_RE.fullmatch(value):
+        return value
+    return email.utils.parseaddr(value)[1]
+
+
 def _addresses(raw_values: Iterable[str]) -> tuple[str, ...]:
     found: list[str] = []
     for raw in raw_values:
+        bare = raw.strip()
         try:
-            pairs = email.utils.getaddresses([_FOLD_RE.sub("", _undo_surrogates(raw))])
+            if _BARE_ADDRESS_RE.fullmatch(bare):
+                pairs = [("", bare)]  # what getaddresses makes of it, property-tested
+            else:
+                pairs = email.utils.getaddresses([_FOLD_RE.sub("", _undo_surrogates(raw))])
         except Exception:
             continue
         for _display, address in pairs:

@@ -1,9 +1,11 @@
-"""MAIL FROM / RCPT TO argument parsing: IntakeSMTP's fast path for plain
-`<local@domain>` gives exactly what aiosmtpd's RFC 5322 parser gives."""
+"""Address fast paths give exactly what the full parsers give: MAIL FROM / RCPT
+TO arguments (IntakeSMTP, against aiosmtpd's RFC 5322 parser), and bare
+addresses in From: and <emailAck>/<emailNot> (mime, against email.utils)."""
 
 from __future__ import annotations
 
 import asyncio
+import email.utils
 
 from aiosmtpd.smtp import SMTP
 from hypothesis import given, settings
@@ -11,6 +13,7 @@ from hypothesis import strategies as st
 
 from mailbridge.intake import IntakeSMTP
 from mailbridge.limits import ConnectionGate
+from mailbridge.mime import parse_address, read_mail
 
 ATEXT = "abcXYZ0189!#$%&'*+/=?^_`{|}~-"
 atom = st.text(ATEXT, min_size=1, max_size=6)
@@ -61,3 +64,27 @@ def test_local_part_limit_still_applies() -> None:
         assert FAST._getaddr("<abcd@x.test> SIZE=1") == ("abcd@x.test", "SIZE=1")
     finally:
         FAST.local_part_limit = 0
+
+
+# -- header and <emailAck> addresses: mime.parse_address and From: ------------------
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    local=dot_atom, dom=domain, before=noise, after=noise, space=st.sampled_from(["", " ", "\t"])
+)
+def test_bare_address_fast_path_matches_the_stdlib(
+    local: str, dom: str, before: str, after: str, space: str
+) -> None:
+    for value in (
+        f"{local}@{dom}",
+        f"{space}{local}@{dom}{space}",
+        f"{before}{local}@{dom}{after}",
+        f"Name <{local}@{dom}>",
+    ):
+        assert parse_address(value) == email.utils.parseaddr(value.strip())[1], value
+        header = f"From: {value}\r\n\r\n".encode()
+        expected = tuple(
+            a.strip().lower() for _, a in email.utils.getaddresses([value]) if "@" in a
+        )
+        assert read_mail(header).from_addresses == tuple(dict.fromkeys(expected)), value
