@@ -27,7 +27,7 @@ import aiosmtplib
 
 from mailbridge.clock import Clock, nap
 from mailbridge.config import RelayConfig, ReportsConfig
-from mailbridge.model import ReportJob
+from mailbridge.model import ReportData, ReportJob
 from mailbridge.report import ReportRenderer, compose_mail
 from mailbridge.store import Store, StoreUnavailable
 
@@ -187,9 +187,12 @@ class Mailer:
         base = self.config.retry_backoff_s * (2 ** min(attempts, 20))
         return float(min(base, self.config.retry_max_backoff_s) * random.uniform(0.8, 1.2))
 
-    async def deliver(self, job: ReportJob) -> bool:
-        """Deliver one report; True when sent, False when it stays pending."""
-        data = await self.store.report_data(job.request_id)
+    async def deliver(self, job: ReportJob, data: ReportData | None = None) -> bool:
+        """Deliver one report; True when sent, False when it stays pending.
+
+        `data`: the request's report data when the caller has read it already."""
+        if data is None:
+            data = await self.store.report_data(job.request_id)
         body = self.renderer.body(job.kind, data)
         mail = compose_mail(
             job,
@@ -222,11 +225,11 @@ class Mailer:
         delivered = 0
         slots = asyncio.Semaphore(max(1, self.sink.parallel))
 
-        async def deliver_in_order(jobs: list[ReportJob]) -> int:
+        async def deliver_in_order(jobs: list[ReportJob], data: ReportData | None) -> int:
             async with slots:
                 done = 0
                 for job in jobs:
-                    done += await self.deliver(job)
+                    done += await self.deliver(job, data)
                 return done
 
         while True:
@@ -236,8 +239,11 @@ class Mailer:
             by_request: dict[int, list[ReportJob]] = defaultdict(list)
             for job in jobs:  # claim_reports returns them in id order
                 by_request[job.request_id].append(job)
+            # One read for the whole claim, not one per report.
+            data = await self.store.report_data_many(list(by_request))
             outcomes = await asyncio.gather(
-                *(deliver_in_order(j) for j in by_request.values()), return_exceptions=True
+                *(deliver_in_order(j, data.get(r)) for r, j in by_request.items()),
+                return_exceptions=True,
             )
             for outcome in outcomes:
                 if isinstance(outcome, StoreUnavailable):

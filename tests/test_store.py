@@ -194,3 +194,16 @@ async def test_results_by_runs_touch_exactly_their_recipients(store: SqliteStore
         8: (None, None, 0, 0),  # neither marked nor recorded: untouched
         10: (None, "503", 0, 1),
     }
+
+
+async def test_report_data_many_reads_each_request_once_and_skips_unknown(
+    store: SqliteStore,
+) -> None:
+    first = await store.add_request(new_request("a"))
+    second = await store.add_request(new_request("b", recipients=[RecipientDraft("x", code=7)]))
+    many = await store.report_data_many(
+        [first.request_id, second.request_id, first.request_id, 999]
+    )
+    assert set(many) == {first.request_id, second.request_id}
+    assert many[first.request_id] == await store.report_data(first.request_id)
+    assert many[second.request_id].rows == [("x", 7)]

@@ -619,6 +619,18 @@ class SqliteStore:
     async def report_data(self, request_id: int) -> ReportData:
         return await self._read(lambda db: self._report_data(request_id))
 
+    def _report_data_many(self, request_ids: Sequence[int]) -> dict[int, ReportData]:
+        found: dict[int, ReportData] = {}
+        for request_id in set(request_ids):
+            try:
+                found[request_id] = self._report_data(request_id)
+            except (TypeError, ValueError):  # no such request: left out, not fatal to the rest
+                log.error("reports: request %d has no readable data", request_id)
+        return found
+
+    async def report_data_many(self, request_ids: Sequence[int]) -> dict[int, ReportData]:
+        return await self._read(lambda db: self._report_data_many(request_ids))
+
     async def report_sent(self, report_id: int, now: float) -> None:
         def sent(db: sqlite3.Connection) -> None:
             db.execute(
