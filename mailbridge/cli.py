@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import secrets
@@ -21,6 +22,17 @@ from pathlib import Path
 from mailbridge.config import Config, ConfigError, load_config, parse_hostport
 
 DEFAULT_CONFIG = Path("config.yaml")
+# The cyclic GC's first generation is collected every 700 new container objects
+# by default: with a big request in memory that is every few recipients, and
+# the older generations are rescanned ten and a hundred times as often as the
+# work needs (a third of the dispatch time of a 100 000-line CSV). Reference
+# counting frees nearly all our objects; cycles are collected less often.
+GC_THRESHOLDS = (20_000, 10, 10)
+
+
+def tune_gc() -> None:
+    """Process-wide GC thresholds for the daemon's processes (serve and its worker)."""
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def setup_logging(level: str) -> None:
@@ -50,6 +62,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = _load(args.config)
     setup_logging(config.log_level)
+    tune_gc()
     try:
         asyncio.run(Daemon(config).serve())
     except (OSError, StoreUnavailable) as err:  # the port is taken, the store is locked...

@@ -242,9 +242,10 @@ def main(argv: list[str]) -> int:
     parent, wake_fd = int(argv[0]), int(argv[1])
     _die_with_parent(parent)
     config: Config = pickle.loads(sys.stdin.buffer.read())
-    from mailbridge.cli import setup_logging
+    from mailbridge.cli import setup_logging, tune_gc
 
     setup_logging(config.log_level)
+    tune_gc()
     if config.dispatch.process_nice:
         try:  # senders waiting on the SMTP dialogue come first when the CPU is short
             os.nice(config.dispatch.process_nice)
