@@ -78,14 +78,20 @@ class Proc:
             children = []
         return [pid, *map(int, children)]
 
+    def _proc_files(self, name: str) -> list[str]:
+        """/proc/<pid>/<name> of the process and each live child."""
+        texts = []
+        for pid in self.pids():
+            try:
+                texts.append(Path(f"/proc/{pid}/{name}").read_text())
+            except OSError:  # a child that just exited
+                continue
+        return texts
+
     def cpu_s(self) -> float:
         """CPU time of the process and its live children."""
         total = 0.0
-        for pid in self.pids():
-            try:
-                stat = Path(f"/proc/{pid}/stat").read_text()
-            except OSError:
-                continue
+        for stat in self._proc_files("stat"):
             fields = stat.rsplit(")", 1)[1].split()
             total += (int(fields[11]) + int(fields[12])) / CLK_TCK
         return total
@@ -93,16 +99,12 @@ class Proc:
     def peak_rss_mb(self) -> float:
         """Sum of the peak RSS of the process and its children (an upper bound of
         their peak together)."""
-        total = 0.0
-        for pid in self.pids():
-            try:
-                status = Path(f"/proc/{pid}/status").read_text()
-            except OSError:
-                continue
-            for line in status.splitlines():
-                if line.startswith("VmHWM:"):
-                    total += int(line.split()[1]) / 1024
-        return total
+        return sum(
+            int(line.split()[1]) / 1024
+            for status in self._proc_files("status")
+            for line in status.splitlines()
+            if line.startswith("VmHWM:")
+        )
 
     def stop(self) -> None:
         if self.p.poll() is None:
