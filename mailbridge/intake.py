@@ -40,7 +40,7 @@ from mailbridge.codes import Ack
 from mailbridge.config import AccountConfig, Config, find_account
 from mailbridge.envoi import Envoi, EnvoiFormatError, parse_envoi
 from mailbridge.limits import ConnectionGate, IntakeLimits, RateLimiter, client_key
-from mailbridge.mime import MailContent, parse_address, read_mail
+from mailbridge.mime import BARE_ADDRESS, MailContent, parse_address, read_mail
 from mailbridge.model import NewRequest
 from mailbridge.store import Store, StoreUnavailable
 
@@ -78,11 +78,11 @@ COMMAND_LIMITS = {
     "STARTTLS": 2, "AUTH": 10, "*": 10_000,
 }  # fmt: skip
 # Auto-Submitted values that still make a normal request (RFC 3834: cron, ERPs).
+NORMAL_AUTO_SUBMITTED = (None, "no", "auto-generated")
 # Mails up to this size are examined on the event loop (a few tenths of a millisecond:
 # cheaper than the hop to a thread); bigger ones (CSV) on a thread, so that the
 # other connections keep being answered meanwhile.
 INLINE_EXAMINE_BYTES = 4096
-NORMAL_AUTO_SUBMITTED = (None, "no", "auto-generated")
 
 
 class Refused(Exception):
@@ -104,11 +104,7 @@ class Examined:
 
 # `<local@domain>` in its plain dot-atom form, optionally followed by
 # parameters (not by a comment): by far the most common MAIL/RCPT argument.
-_PLAIN_ANGLE_ADDR = re.compile(
-    r"\s*<((?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+\.)*[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-    r"@(?:[A-Za-z0-9-]+\.)*[A-Za-z0-9-]+)>\s*(|[^(\s].*)",
-    re.DOTALL,
-)
+_PLAIN_ANGLE_ADDR = re.compile(rf"\s*<({BARE_ADDRESS})>\s*(|[^(\s].*)", re.DOTALL)
 
 
 class IntakeSMTP(SMTP):
