@@ -136,8 +136,11 @@ def _part_limit(envoi: Envoi, account: AccountConfig) -> tuple[int, int | None]:
 class _TextMaker:
     """Raw message -> final text; one instance per request, cached per text."""
 
-    def __init__(self, account: AccountConfig, suffix: str, limit: int) -> None:
+    def __init__(
+        self, account: AccountConfig, suffix: str, limit: int, line_break: str | None
+    ) -> None:
         self.account = account
+        self.line_break = line_break
         self.suffix = suffix
         self.limit = limit
         self.cut = 0  # how many texts had to be cut (for the log)
@@ -149,7 +152,9 @@ class _TextMaker:
             return hit
         # NFC: Apple Mail sends "é" as "e" + a combining accent, which is not
         # GSM-7; composed, the same text is GSM-7 and costs half as much.
-        body = unicodedata.normalize("NFC", raw).replace(LINE_BREAK, "\n")
+        body = unicodedata.normalize("NFC", raw)
+        if self.line_break is not None:
+            body = body.replace(self.line_break, "\n")
         if self.account.transliterate:
             body = gsm.transliterate(body)
         text = body + self.suffix
@@ -173,20 +178,32 @@ def _wants_stop(envoi: Envoi, account: AccountConfig, sender: str | None) -> boo
 
 
 def check_request(
-    envoi: Envoi, attachments: dict[str, bytes], rules: AccountRules, now: datetime
+    envoi: Envoi,
+    attachments: dict[str, bytes],
+    rules: AccountRules,
+    now: datetime,
+    *,
+    line_break: str | None = LINE_BREAK,
 ) -> CheckedRequest:
-    """Check one email's request; see the module docstring for the codes."""
+    """Check one email's request; see the module docstring for the codes.
+
+    `line_break`: the character that stands for a line break in texts (`Ö` in
+    `<envoi>` requests; None in plain mode, whose texts keep their own)."""
     email_id = envoi.get("emailid")
     if email_id is None or not email_id.strip():
         return CheckedRequest(Ack.MISSING_EMAIL_ID, notes=["no emailId"])
     try:
-        return _check(envoi, attachments, rules, now)
+        return _check(envoi, attachments, rules, now, line_break)
     except (_FormatProblem, AttachmentError) as err:
         return CheckedRequest(Ack.INVALID_FORMAT, notes=[str(err)])
 
 
 def _check(
-    envoi: Envoi, attachments: dict[str, bytes], rules: AccountRules, now: datetime
+    envoi: Envoi,
+    attachments: dict[str, bytes],
+    rules: AccountRules,
+    now: datetime,
+    line_break: str | None,
 ) -> CheckedRequest:
     account = rules.account
     result = CheckedRequest(Ack.PROCESSED, reference=envoi.get("tracker"))
@@ -214,7 +231,7 @@ def _check(
         else:
             result.due_at = rules.quiet.next_allowed(now)
     suffix = "\n" + stop_mention(account) if _wants_stop(envoi, account, sender) else ""
-    maker = _TextMaker(account, suffix, limit)
+    maker = _TextMaker(account, suffix, limit, line_break)
     for target in targets:
         result.recipients.append(_recipient(target, request_code, rules, maker, limit))
     if request_code is not None:

@@ -113,6 +113,18 @@ class SmtpConfig(_Model):
     # the right password, until the window allows again (credential stuffing).
     auth_failure_limit: int = Field(10, ge=1)
     tls: TlsConfig | None = None
+    # Plain mode (SPEC section 9): RCPT TO:<0601020304@sms.example> for these
+    # domains takes the number from the local part. Empty (the default): off.
+    number_domains: list[str] = Field(default_factory=list)
+
+    @field_validator("number_domains")
+    @classmethod
+    def _number_domains(cls, v: list[str]) -> list[str]:
+        domains = [d.strip().lower().lstrip("@") for d in v]
+        for domain in domains:
+            if not domain or "@" in domain or any(c.isspace() for c in domain):
+                raise ValueError(f"{domain!r} is not a domain (e.g. sms.example.com)")
+        return domains
 
     @field_validator("listen")
     @classmethod
@@ -245,6 +257,41 @@ class RouteConfig(_Model):
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+class PlainConfig(_Model):
+    """Plain mode for one account (SPEC section 9): mails to number addresses."""
+
+    enabled: bool = False
+    # Who may send plain mails for this account: addresses (alarm@masociete.com)
+    # or whole domains written with a leading @ (@masociete.com). MAIL FROM and
+    # every From: address must match. With smtp_password, AUTH is required too.
+    senders: list[str] = Field(default_factory=list)
+    # The SMS text: the body (the Subject when the body is empty), the Subject,
+    # or the Subject, a line break and the body.
+    text: Literal["body", "subject", "subject_body"] = "body"
+    # The body is cut at the first of these (any case), e.g. "--end", "Envoyé de mon iPhone".
+    cut_markers: list[str] = Field(default_factory=list)
+    # Plain-text report mails to the sender: only for numbers that failed, for
+    # every number, or none.
+    reports: Literal["failures", "all", "none"] = "failures"
+
+    @field_validator("senders")
+    @classmethod
+    def _senders(cls, v: list[str]) -> list[str]:
+        out = []
+        for sender in v:
+            sender = sender.strip().lower()
+            local, at, domain = sender.rpartition("@")
+            if not at or not domain or "@" in local or any(c.isspace() for c in sender):
+                raise ValueError(f"{sender!r}: write an address (a@example.com) or @example.com")
+            out.append(sender)
+        return out
+
+    def allows(self, address: str) -> bool:
+        """Whether `address` is one of the senders (an address or in a listed @domain)."""
+        address = address.lower()
+        return address in self.senders or "@" + address.rpartition("@")[2] in self.senders
+
+
 class AccountConfig(_Model):
     # The secret clients put in <keyid>: compared in constant time, never logged
     # (repr=False keeps it out of any repr of the config).
@@ -279,6 +326,7 @@ class AccountConfig(_Model):
     blacklist: list[str] = Field(default_factory=list)
     delivery_reports: bool = False
     reply_to: str | None = None
+    plain: PlainConfig = Field(default_factory=PlainConfig)
 
     @field_validator("sender_domains", "report_domains")
     @classmethod
@@ -361,6 +409,8 @@ class AccountConfig(_Model):
             raise ValueError("set exactly one of provider or routes")
         if self.commercial and not self.stop_number:
             raise ValueError("a commercial account needs stop_number (the STOP SMS mention)")
+        if self.plain.enabled and not self.plain.senders and self.smtp_password is None:
+            raise ValueError("plain.enabled needs plain.senders, or smtp_password (SMTP AUTH)")
         return self
 
     @property
@@ -429,12 +479,34 @@ class Config(_Model):
                     problems.append(
                         f"accounts[{i}]: provider {name!r} is not defined under providers"
                     )
+        problems += _plain_problems(self)
         from mailbridge.auth import auth_config_problems  # auth imports this module
 
         problems += auth_config_problems(self)
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+
+def _plain_problems(config: Config) -> list[str]:
+    """Plain-mode settings that only the whole configuration can judge."""
+    problems: list[str] = []
+    owners: dict[str, int] = {}
+    for i, account in enumerate(config.accounts):
+        if not account.plain.enabled:
+            continue
+        if not config.smtp.number_domains:
+            problems.append(
+                f"accounts[{i}].plain.enabled: no mail can reach it without smtp.number_domains"
+            )
+        for sender in account.plain.senders:
+            if sender in owners:
+                problems.append(
+                    f"accounts[{i}].plain.senders: {sender} is also a plain sender of "
+                    f"accounts[{owners[sender]}]; a plain mail must name one account"
+                )
+            owners.setdefault(sender, i)
+    return problems
 
 
 def parse_hostport(value: str) -> tuple[str, int]:

@@ -9,7 +9,14 @@ is not an XML parser: a value runs to the closing tag of the same name, and
 only the five XML entities, numeric references and CDATA sections are
 decoded. Comments `<!-- ... -->` hide the elements they contain.
 
-Failure behaviour: raises `EnvoiFormatError` when there is no `<envoi>` block.
+Raw line breaks inside a value are a mail client's wrapping, not line breaks
+(the seed writes a line break `Ö`): each run of white space holding one
+becomes one space. A reference such as `&#10;` is not raw and stays.
+
+Failure behaviour: `parse_envoi` never raises. Without an `<envoi>` block
+(a misspelled or missing wrapper) the whole text is read for fields and
+`has_wrapper` is False: the request is invalid (Ack 3), but its `<keyid>`
+and `<emailAck>` can still be read to tell the client (SPEC section 8).
 A `<!DOCTYPE` or `<!ENTITY` declaration anywhere in the text sets
 `has_declarations` (the request is then invalid, Ack 3) while the fields are
 still read, so that the Ack can reach `emailAck`: nothing is ever resolved,
@@ -33,13 +40,17 @@ _OPEN_RE = re.compile(r"<([A-Za-z][A-Za-z0-9_]*)(?=[\s/>])([^<>]*)>")
 _CLOSE_RE = re.compile(r"</([A-Za-z][A-Za-z0-9_]*)\s*>")
 _ENTITY_RE = re.compile(r"&(?:#([0-9]+)|#[xX]([0-9A-Fa-f]+)|(amp|lt|gt|quot|apos));")
 _NAMED_ENTITIES = {"amp": "&", "lt": "<", "gt": ">", "quot": '"', "apos": "'"}
+# The tags of a request (SPEC section 2): without an <envoi> wrapper, only these
+# are read, so that a misspelled wrapper (`<envoie>…</envoie>`) does not swallow them.
+_REQUEST_TAG_RE = re.compile(
+    r"(?:keyid|num[0-9]*|sms[0-9]*|emetteur|tracker|smslong|emailid|emailack|emailnot"
+    r"|emaildlr|nostop)\Z"
+)
+# A run of white space that holds at least one raw line break (SPEC section 2).
+_WRAPPED_RE = re.compile(r"[ \t\r]*\n[ \t\r\n]*")
 
 _CDATA_OPEN, _CDATA_CLOSE = "<![CDATA[", "]]>"
 _COMMENT_OPEN, _COMMENT_CLOSE = "<!--", "-->"
-
-
-class EnvoiFormatError(Exception):
-    """No `<envoi>` block in the text."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +60,8 @@ class Envoi:
     fields: dict[str, str] = field(default_factory=dict)
     # A DOCTYPE or ENTITY declaration was present (refused: Ack 3, never expanded).
     has_declarations: bool = False
+    # False: no <envoi> block; the fields were read from the whole text (Ack 3).
+    has_wrapper: bool = True
 
     def get(self, name: str) -> str | None:
         """The value of tag `name` (any case); None when absent, "" when present but empty."""
@@ -65,7 +78,8 @@ def parse_envoi(text: str) -> Envoi:
             start = match.end()
             break
     if start < 0:
-        raise EnvoiFormatError("no <envoi> block")
+        fields = _read_fields(text, 0, len(text), spans, only_request_tags=True)
+        return Envoi(fields, has_declarations=declarations, has_wrapper=False)
     end = len(text)  # a missing </envoi> means "to the end"
     for match in _ENVOI_CLOSE_RE.finditer(text, start):
         if spans.end_of_span_at(match.start()) is None:
@@ -74,7 +88,9 @@ def parse_envoi(text: str) -> Envoi:
     return Envoi(_read_fields(text, start, end, spans), has_declarations=declarations)
 
 
-def _read_fields(text: str, start: int, end: int, spans: _Spans) -> dict[str, str]:
+def _read_fields(
+    text: str, start: int, end: int, spans: _Spans, only_request_tags: bool = False
+) -> dict[str, str]:
     # Index every closing tag once, so finding the one that ends a value is a
     # binary search rather than a rescan (unclosed tags would make it quadratic).
     closings: dict[str, list[tuple[int, int]]] = {}
@@ -87,6 +103,8 @@ def _read_fields(text: str, start: int, end: int, spans: _Spans) -> dict[str, st
     while True:  # one regex pass, restarted after each jump over a value or a span
         for match in _OPEN_RE.finditer(text, pos, end):
             name = match.group(1).lower()
+            if only_request_tags and not _REQUEST_TAG_RE.match(name):
+                continue
             attributes = match.group(2)
             self_closing = bool(attributes) and attributes.rstrip().endswith("/")
             candidates = closings.get(name)
@@ -168,14 +186,23 @@ class _Spans:
         k = bisect.bisect_left(self.starts, start)
         while k < len(self.starts) and self.starts[k] < end:
             if self.is_cdata[k]:
-                out.append(_decode_entities(text[pos : self.starts[k]]))
+                out.append(_decode_entities(_unwrap(text[pos : self.starts[k]])))
                 out.append(
-                    text[self.starts[k] + len(_CDATA_OPEN) : self.ends[k] - len(_CDATA_CLOSE)]
+                    _unwrap(
+                        text[self.starts[k] + len(_CDATA_OPEN) : self.ends[k] - len(_CDATA_CLOSE)]
+                    )
                 )
                 pos = self.ends[k]
             k += 1
-        out.append(_decode_entities(text[pos:end]))
+        out.append(_decode_entities(_unwrap(text[pos:end])))
         return "".join(out)
+
+
+def _unwrap(raw: str) -> str:
+    """Each run of white space holding a raw line break -> one space."""
+    if "\n" not in raw:
+        return raw
+    return _WRAPPED_RE.sub(" ", raw)
 
 
 def _decode_entities(value: str) -> str:

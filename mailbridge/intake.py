@@ -7,6 +7,12 @@ Input: an SMTP dialogue. Output: a request durably in the store, answered
 - no/unknown keyid, sender or client IP refused  -> 550 5.7.1, and no report (no backscatter)
 - invalid request and no emailAck to tell        -> 550 5.6.0
 - store unavailable                              -> 451 4.3.0 (the client retries)
+Plain mode (SPEC section 9), RCPT TO:<number@one of smtp.number_domains>:
+- the local part is not a number                 -> 550 5.1.3
+- more than 500 number recipients                -> 452 4.5.3
+- number and intake addresses in one mail        -> 550 5.5.1
+- no plain-enabled account for the sender/AUTH   -> 550 5.7.1 (530 5.7.0: it needs AUTH)
+- no text in the Subject or the body             -> 550 5.6.0
 Access control and limits (docs/security.md):
 - null sender <> at MAIL (a bounce or a report)  -> 550 5.7.1
 - too many connections, in all or from one IP    -> 421 4.7.0 and closed
@@ -38,10 +44,17 @@ from mailbridge.checks import AccountRules, CheckedRequest, check_request
 from mailbridge.clock import Clock
 from mailbridge.codes import Ack
 from mailbridge.config import AccountConfig, Config, find_account
-from mailbridge.envoi import Envoi, EnvoiFormatError, parse_envoi
+from mailbridge.envoi import Envoi, parse_envoi
 from mailbridge.limits import ConnectionGate, IntakeLimits, RateLimiter, client_key
 from mailbridge.mime import BARE_ADDRESS, MailContent, parse_address, read_mail
 from mailbridge.model import NewRequest
+from mailbridge.plain import (
+    MAX_PLAIN_RECIPIENTS,
+    is_number_local_part,
+    own_email_id,
+    plain_request,
+    plain_text,
+)
 from mailbridge.store import Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -70,6 +83,11 @@ REPLY_ACCOUNT_RATE = "450 4.7.1 Too many messages for this account, try again la
 REPLY_AUTH_REQUIRED = "530 5.7.0 Authentication required for this account"
 REPLY_SENDER_NOT_AUTHED = "550 5.7.1 Sender <{}> is not allowed for the authenticated account"
 REPLY_OTHER_ACCOUNT = "550 5.7.1 Request refused: the session is authenticated as another account"
+REPLY_NOT_A_NUMBER = "550 5.1.3 <{}>: the local part is not a phone number"
+REPLY_TOO_MANY_NUMBERS = "452 4.5.3 Too many recipients: at most 500 numbers per mail"
+REPLY_MIXED = "550 5.5.1 <{}>: number addresses and the request address cannot share one mail"
+REPLY_PLAIN_SENDER = "550 5.7.1 Sender <{}> may not send SMS to number addresses"
+REPLY_PLAIN_NO_TEXT = "550 5.6.0 No text to send: the Subject and the body are empty"
 # Per-connection command budgets (aiosmtpd's command_call_limit; past one: 421
 # 4.7.0 and closed). They stop a client that keeps a slot with NOOPs or probes
 # with VRFY, without limiting real mail: "*" (MAIL, RCPT, DATA, RSET…) is high.
@@ -117,6 +135,12 @@ class IntakeSMTP(SMTP):
     """
 
     def __init__(self, handler: IntakeHandler, gate: ConnectionGate, **kw: Any):
+        # aiosmtpd's line_length_limit (1001) is both its stream buffer limit and
+        # the longest DATA line; a bare-LF upload is one "line". SPEC section 1:
+        # any line up to the message size. Command lines keep their own limit
+        # (command_size_limit, 512), and a connection buffers no more than a
+        # message may hold.
+        self.line_length_limit = max(SMTP.line_length_limit, (kw.get("data_size_limit") or 0) + 2)
         super().__init__(handler, **kw)
         self._gate = gate
         self._gate_key: str | None = None  # set while this connection holds a slot
@@ -248,11 +272,20 @@ class IntakeHandler:
         # One "over the limit" log line per client and window, not one per refusal.
         self._log_gate = RateLimiter(1, config.smtp.rate_window_s, clock)
         self.recipients = frozenset(config.smtp.recipients)
-        # Sender address or domain -> the accounts that allow it (MAIL looks here).
+        self.number_domains = frozenset(config.smtp.number_domains)
+        # Sender address or domain -> the accounts that allow it (MAIL looks here),
+        # and the same for plain mode's senders alone (RCPT to a number looks there).
         self._senders: dict[str, list[AccountConfig]] = {}
+        self._plain_senders: dict[str, list[AccountConfig]] = {}
         for account in config.accounts:
+            plain = account.plain.senders if account.plain.enabled else []
             for allowed in {*account.sender_addresses, *account.sender_domains}:
                 self._senders.setdefault(allowed, []).append(account)
+            for allowed in plain:
+                key = allowed.removeprefix("@")  # "@example.com" is a domain
+                self._plain_senders.setdefault(key, []).append(account)
+                if account not in self._senders.get(key, []):
+                    self._senders.setdefault(key, []).append(account)
 
     def authenticator(self) -> Authenticator:
         """The AUTH checker for the SMTP sessions, sharing this intake's limits."""
@@ -310,11 +343,53 @@ class IntakeHandler:
         address: str,
         rcpt_options: list[str],
     ) -> str:
-        if address.lower() not in self.recipients:
+        low = address.lower()
+        plain_so_far = sum(1 for r in envelope.rcpt_tos if self.is_number_address(r))
+        if low in self.recipients:
+            if plain_so_far:
+                return REPLY_MIXED.format(address)
+        elif self.is_number_address(low):
+            if len(envelope.rcpt_tos) > plain_so_far:
+                return REPLY_MIXED.format(address)
+            try:
+                self.plain_account(envelope.mail_from or "", session_account(session))
+            except Refused as refusal:
+                log.info("refused RCPT TO <%s> from <%s>: %s", address, envelope.mail_from,
+                         refusal.reply)  # fmt: skip
+                return refusal.reply
+            if not is_number_local_part(address.rpartition("@")[0]):
+                return REPLY_NOT_A_NUMBER.format(address)
+            if plain_so_far >= MAX_PLAIN_RECIPIENTS:
+                return REPLY_TOO_MANY_NUMBERS
+        else:
             log.info("refused RCPT TO <%s> from %s", address, session.peer)
             return REPLY_UNKNOWN_RECIPIENT.format(address)
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 Ok"
+
+    def is_number_address(self, address: str) -> bool:
+        """Whether `address` is in one of smtp.number_domains (plain mode)."""
+        return bool(self.number_domains) and (
+            address.rpartition("@")[2].lower() in self.number_domains
+        )
+
+    def plain_account(self, mail_from: str, authed: AccountConfig | None) -> AccountConfig:
+        """The account a plain mail from `mail_from` belongs to, or Refused.
+
+        The authenticated account when the session has AUTH (its MAIL FROM was
+        checked at MAIL), else the one whose plain.senders list the sender."""
+        if authed is not None:
+            if not authed.plain.enabled:
+                raise Refused(REPLY_PLAIN_SENDER.format(mail_from))
+            return authed
+        low = mail_from.lower()
+        found = self._plain_senders.get(low) or self._plain_senders.get(low.rpartition("@")[2])
+        if not found:
+            raise Refused(REPLY_PLAIN_SENDER.format(mail_from))
+        account = found[0]  # check-config makes plain senders unique to one account
+        if account.smtp_password is not None:
+            raise Refused(REPLY_AUTH_REQUIRED)
+        return account
 
     # -- the message -----------------------------------------------------
 
@@ -326,12 +401,14 @@ class IntakeHandler:
         peer = session.peer
         client_ip = str(peer[0]) if isinstance(peer, tuple) else str(peer)
         authed = session_account(session)
+        numbers = [r.rpartition("@")[0] for r in envelope.rcpt_tos if self.is_number_address(r)]
+        examine = self.examine if not numbers else self.examine_plain
         try:
             if len(raw) <= INLINE_EXAMINE_BYTES:
-                examined = self.examine(raw, mail_from, peer, client_ip, authed)
+                examined = examine(raw, mail_from, peer, client_ip, authed, numbers)
             else:
                 examined = await asyncio.to_thread(
-                    self.examine, raw, mail_from, peer, client_ip, authed
+                    examine, raw, mail_from, peer, client_ip, authed, numbers
                 )
         except Refused as refusal:
             log.info("refused mail from <%s> at %s: %s", mail_from, client_ip, refusal.reply)
@@ -373,11 +450,14 @@ class IntakeHandler:
         peer: Any,
         client_ip: str,
         authed: AccountConfig | None = None,
+        numbers: list[str] | None = None,
     ) -> Examined | None:
-        """Parse and check one email (on a thread when big; pure but for the clock).
+        """Parse and check one `<envoi>` email (on a thread when big; pure but
+        for the clock).
 
-        `authed` is the account the session authenticated as. Returns None for
-        an automatic reply to ignore; raises Refused for a refusal in the dialogue.
+        `authed` is the account the session authenticated as; `numbers` is
+        unused here (plain mode's, see examine_plain). Returns None for an
+        automatic reply to ignore; raises Refused for a refusal in the dialogue.
         """
         content = read_mail(raw)
         if content.auto_submitted not in NORMAL_AUTO_SUBMITTED:
@@ -398,13 +478,7 @@ class IntakeHandler:
             raise Refused(REPLY_OTHER_ACCOUNT)
         if not _address_allowed(mail_from, account):
             raise Refused(REPLY_SENDER.format(mail_from))
-        if not content.from_addresses:
-            raise Refused(REPLY_NO_FROM)
-        for address in content.from_addresses:
-            if not _address_allowed(address, account):
-                raise Refused(REPLY_SENDER.format(address))
-        if not _ip_allowed(peer, account):
-            raise Refused(REPLY_IP.format(client_ip))
+        self._check_origin(content, account, peer, client_ip, _address_allowed)
         assert envoi is not None
         now = self.clock.now()
         if format_problem is not None:
@@ -435,6 +509,82 @@ class IntakeHandler:
         )
         return Examined(request, account, checked)
 
+    def examine_plain(
+        self,
+        raw: bytes,
+        mail_from: str,
+        peer: Any,
+        client_ip: str,
+        authed: AccountConfig | None = None,
+        numbers: list[str] | None = None,
+    ) -> Examined | None:
+        """Parse and check one plain-mode email (SPEC section 9) sent to `numbers`
+        (the local parts of its number recipients); as examine() otherwise."""
+        content = read_mail(raw)
+        if content.auto_submitted not in NORMAL_AUTO_SUBMITTED:
+            return None
+        account = self.plain_account(mail_from, authed)
+
+        def allowed(address: str, acc: AccountConfig) -> bool:
+            # With AUTH, the account's <envoi> senders may send plain mail too.
+            return acc.plain.allows(address) or (
+                authed is not None and _address_allowed(address, acc)
+            )
+
+        self._check_origin(content, account, peer, client_ip, allowed)
+        plain = account.plain
+        body = content.text if content.text is not None else content.html_text
+        text = plain_text(content.subject, body, plain.text, plain.cut_markers)
+        if not text:
+            raise Refused(REPLY_PLAIN_NO_TEXT)
+        # Identical addresses are one recipient, as for any mail (To and Cc both).
+        unique = list(dict.fromkeys(n.lower() for n in numbers or []))
+        email_id = (content.message_id or "").strip() or own_email_id()
+        now = self.clock.now()
+        rules = self.rules[account.keyid]
+        checked = check_request(
+            plain_request(unique, text, email_id), {}, rules, now, line_break=None
+        )
+        not_to = None
+        if plain.reports != "none":
+            not_to = self._report_address(mail_from, account, "MAIL FROM")
+        received = now.timestamp()
+        request = NewRequest(
+            account=account.keyid,
+            email_id=email_id,
+            ack_code=checked.ack_code,
+            ack_to=None,  # plain mode has no Ack
+            not_to=not_to,
+            numbered=True,
+            sender=checked.sender,
+            reference=None,
+            received_at=received,
+            due_at=checked.due_at.timestamp() if checked.due_at else received,
+            mail_from=mail_from,
+            client_ip=client_ip,
+            message_id=content.message_id,
+            recipients=checked.recipients,
+            plain_reports=plain.reports if not_to is not None else None,
+        )
+        return Examined(request, account, checked)
+
+    @staticmethod
+    def _check_origin(
+        content: MailContent,
+        account: AccountConfig,
+        peer: Any,
+        client_ip: str,
+        allowed: Callable[[str, AccountConfig], bool],
+    ) -> None:
+        """Every From: address allowed for the account, and the client address."""
+        if not content.from_addresses:
+            raise Refused(REPLY_NO_FROM)
+        for address in content.from_addresses:
+            if not allowed(address, account):
+                raise Refused(REPLY_SENDER.format(address))
+        if not _ip_allowed(peer, account):
+            raise Refused(REPLY_IP.format(client_ip))
+
     def _rules_for(self, keyid: str) -> AccountRules | None:
         account = find_account(self.config, keyid)
         return None if account is None else self.rules[account.keyid]
@@ -448,12 +598,11 @@ class IntakeHandler:
             text, problem = content.html_text, "HTML-only body"
         else:
             return None, "no text body"
-        try:
-            envoi = parse_envoi(text)
-        except EnvoiFormatError as err:
-            return None, str(err)
+        envoi = parse_envoi(text)
         if envoi.has_declarations:
             problem = "DOCTYPE or ENTITY declaration in the body"
+        elif not envoi.has_wrapper:
+            problem = problem or "no <envoi> block"
         return envoi, problem
 
     def _report_address(self, value: str | None, account: AccountConfig, tag: str) -> str | None:

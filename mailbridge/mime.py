@@ -272,7 +272,50 @@ def _decode_text(part: Message, label: str, problems: _Problems) -> str:
     if note:
         problems.add(f"{label}: {note}")
     # SMTP gives CRLF; the later stages work on \n.
-    return text.replace("\r\n", "\n").replace("\r", "\n")
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if part.get_content_type() == "text/plain" and _param(part, "format") == "flowed":
+        text = unflow(text, delsp=_param(part, "delsp") == "yes")
+    return text
+
+
+def _param(part: Message, name: str) -> str:
+    value = part.get_param(name)
+    return value.strip().lower() if isinstance(value, str) else ""
+
+
+def unflow(text: str, *, delsp: bool = False) -> str:
+    """A `format=flowed` body (RFC 3676) as the lines its writer meant.
+
+    A line ending in a space is a soft break: it is joined with the next line
+    of the same quote depth (`delsp=yes`: without that space). A leading
+    space is space-stuffing and is removed; `-- ` (the signature separator)
+    is never a soft break. Quoted lines keep their `>` marks.
+    """
+    out: list[str] = []
+    paragraph: list[str] = []
+    depth = 0
+
+    def emit() -> None:
+        line = "".join(paragraph)
+        if depth:
+            line = ">" * depth + (" " + line if line else "")
+        out.append(line)
+        paragraph.clear()
+
+    for raw in text.split("\n"):
+        stripped = raw.lstrip(">")
+        line_depth = len(raw) - len(stripped)
+        content = stripped[1:] if stripped.startswith(" ") else stripped
+        soft = content.endswith(" ") and content != "-- "
+        if paragraph and line_depth != depth:
+            emit()  # a quote depth change ends an (improperly) flowed paragraph
+        depth = line_depth
+        paragraph.append(content[:-1] if soft and delsp else content)
+        if not soft:
+            emit()
+    if paragraph:
+        emit()
+    return "\n".join(out)
 
 
 def _decode_bytes(data: bytes, charset: str | None) -> tuple[str, str | None]:

@@ -39,6 +39,9 @@ class NewRequest:
     client_ip: str
     message_id: str | None
     recipients: list[RecipientDraft] = field(default_factory=list)
+    # Plain mode (SPEC section 9): the Not is a plain-text mail to `not_to`,
+    # "failures" (only when a number failed) or "all"; None: the XML Not.
+    plain_reports: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +104,7 @@ class ReportJob:
 
     id: int
     request_id: int
-    kind: str  # "ack" | "not"
+    kind: str  # "ack" | "not" | "plain" (plain mode's text report, in place of the Not)
     to_addr: str
     created_at: float
     attempts: int
@@ -116,3 +119,4 @@ class ReportData:
     numbered: bool
     rows: list[tuple[str, int]]  # (tel as written, code) in request order
     in_reply_to: str | None
+    plain_reports: str | None = None  # plain mode: "failures" or "all" (NewRequest)

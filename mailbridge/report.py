@@ -1,10 +1,11 @@
 """Outcomes -> Ack and Not report mails, rendered from templates/*.j2.
 
 Input: the stored facts of a request (`ReportData`). Output: the report body,
-ISO-8859-1 bytes byte-exact to SPEC section 5, and the whole RFC 5322 mail
-around it. No I/O besides loading the templates once. The mail is identical
-at every retry (Date and Message-ID come from the stored report), so a
-receiver can recognise a report delivered twice.
+ISO-8859-1 bytes byte-exact to SPEC section 5 (plain mode, SPEC section 9: a
+short UTF-8 text instead of the Not), and the whole RFC 5322 mail around it.
+No I/O besides loading the templates once. The mail is identical at every
+retry (Date and Message-ID come from the stored report), so a receiver can
+recognise a report delivered twice.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ class ReportRenderer:
         self._env.filters["x"] = xml_text
         self._ack = self._env.get_template("ack.xml.j2")
         self._not = self._env.get_template("not.xml.j2")
+        self._plain = self._env.get_template("plain.txt.j2")
 
     def ack_body(self, email_id: str | None, code: int) -> bytes:
         """The etatAck document; `?` stands for a missing emailId."""
@@ -88,9 +90,22 @@ class ReportRenderer:
         text = self._not.render(email_id=data.email_id or "?", numbered=data.numbered, rows=rows())
         return _latin1(text)
 
+    def plain_body(self, data: ReportData) -> bytes:
+        """Plain mode's report: the numbers that failed (or all, with `reports: all`)."""
+        shown = [
+            NotRow(n, tel, code, not_message(code))
+            for n, (tel, code) in enumerate(data.rows, start=1)
+            if code != 0 or data.plain_reports == "all"
+        ]
+        failed = sum(1 for _, code in data.rows if code != 0)
+        text = self._plain.render(failed=failed, total=len(data.rows), rows=shown)
+        return text.encode("utf-8")
+
     def body(self, kind: str, data: ReportData) -> bytes:
         if kind == "ack":
             return self.ack_body(data.email_id, data.ack_code)
+        if kind == "plain":
+            return self.plain_body(data)
         return self.not_body(data)
 
 
@@ -122,16 +137,22 @@ def compose_mail(
     instance_id: str,
 ) -> bytes:
     """The whole report mail (LF line ends; SMTP delivery turns them into CRLF)."""
-    label = "etatAck" if job.kind == "ack" else "etatNot"
+    charset = "ISO-8859-1"
+    if job.kind == "plain":
+        failed = any(code != 0 for _, code in data.rows)
+        subject, charset = ("SMS non envoyé" if failed else "SMS envoyé"), "utf-8"
+    else:
+        label = "etatAck" if job.kind == "ack" else "etatNot"
+        subject = f"{label} {data.email_id or '?'}"
     headers = [
         ("From", from_address),
         ("To", job.to_addr),
-        ("Subject", f"{label} {data.email_id or '?'}"),
+        ("Subject", subject),
         ("Date", format_datetime(datetime.fromtimestamp(job.created_at, UTC))),
         ("Message-ID", report_message_id(job, instance_id, from_address)),
         ("Auto-Submitted", "auto-replied"),
         ("MIME-Version", "1.0"),
-        ("Content-Type", "text/plain; charset=ISO-8859-1"),
+        ("Content-Type", f"text/plain; charset={charset}"),
         ("Content-Transfer-Encoding", "8bit"),
         ("X-Mailbridge-Request", str(job.request_id)),
     ]

@@ -37,7 +37,11 @@ from mailbridge.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Schema changes since version 1, applied in order to an older file at open.
+MIGRATIONS: dict[int, str] = {
+    2: "ALTER TABLE requests ADD COLUMN plain_reports TEXT",
+}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -60,6 +64,7 @@ CREATE TABLE IF NOT EXISTS requests (
     attempts INTEGER NOT NULL DEFAULT 0,
     last_error TEXT,
     done_at REAL,
+    plain_reports TEXT,                  -- plain mode: failures | all; NULL: XML Not
     -- random, part of every SMS idempotency key: after a backup is restored,
     -- request ids repeat, keys do not (a provider would take them for retries)
     token TEXT NOT NULL
@@ -95,7 +100,7 @@ CREATE TABLE IF NOT EXISTS recipients (
 CREATE TABLE IF NOT EXISTS reports (
     id INTEGER PRIMARY KEY,
     request_id INTEGER NOT NULL,
-    kind TEXT NOT NULL,                  -- ack | not
+    kind TEXT NOT NULL,                  -- ack | not | plain
     to_addr TEXT NOT NULL,
     state TEXT NOT NULL,                 -- pending | sent
     created_at REAL NOT NULL,
@@ -318,6 +323,27 @@ class SqliteStore:
                 )  # fmt: skip
         self._db = db
         db.executescript(SCHEMA)
+        self._migrate(db)
+
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        """Bring a file made by an older version to SCHEMA_VERSION; refuse a newer one."""
+        row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if row is None:  # a new file: SCHEMA made the current tables (init() writes it)
+            return
+        version = int(row[0])
+        if version > SCHEMA_VERSION:
+            raise StoreUnavailable(
+                f"{self.path} has schema version {version}, newer than this mailbridge"
+                f" ({SCHEMA_VERSION}): upgrade mailbridge or restore a matching backup"
+            )
+        if version == SCHEMA_VERSION:
+            return
+        db.execute("BEGIN IMMEDIATE")
+        for step in range(version + 1, SCHEMA_VERSION + 1):
+            db.execute(MIGRATIONS[step])
+        db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+        db.execute("COMMIT")
+        log.info("store: %s migrated from schema %d to %d", self.path, version, SCHEMA_VERSION)
 
     async def open(self) -> None:
         await asyncio.to_thread(self._open)
@@ -351,12 +377,12 @@ class SqliteStore:
         state = "queued" if ack == 0 else "done"
         cur = db.execute(
             "INSERT INTO requests (account, email_id, ack_code, state, numbered, sender, reference,"
-            " not_to, mail_from, client_ip, message_id, received_at, due_at, token)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " not_to, mail_from, client_ip, message_id, received_at, due_at, token, plain_reports)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 req.account, req.email_id, ack, state, int(req.numbered), req.sender,
                 req.reference, req.not_to, req.mail_from, req.client_ip, req.message_id,
-                req.received_at, req.due_at, secrets.token_hex(3),
+                req.received_at, req.due_at, secrets.token_hex(3), req.plain_reports,
             ),
         )  # fmt: skip
         request_id = int(cur.lastrowid or 0)
@@ -567,11 +593,23 @@ class SqliteStore:
             return False
         row = db.execute(
             "UPDATE requests SET state = 'done', done_at = ?, claimed_until = NULL"
-            " WHERE id = ? AND state = 'queued' RETURNING not_to",
+            " WHERE id = ? AND state = 'queued' RETURNING not_to, plain_reports",
             (now, request_id),
         ).fetchone()
         if row is not None and row[0]:
-            self._add_report(db, request_id, "not", row[0], now)
+            not_to, plain_reports = row
+            if plain_reports is None:
+                self._add_report(db, request_id, "not", not_to, now)
+            elif (
+                plain_reports == "all"
+                or db.execute(
+                    "SELECT 1 FROM recipients WHERE request_id = ? AND code != 0 LIMIT 1",
+                    (request_id,),
+                ).fetchone()
+            ):
+                # Plain mode's report (SPEC section 9): with "failures", only when
+                # a number did not get code 0.
+                self._add_report(db, request_id, "plain", not_to, now)
         return row is not None
 
     async def finish_if_done(self, request_ids: Sequence[int], now: float) -> list[int]:
@@ -607,14 +645,15 @@ class SqliteStore:
 
     def _report_data(self, request_id: int) -> ReportData:
         row = self.db.execute(
-            "SELECT email_id, ack_code, numbered, message_id FROM requests WHERE id = ?",
+            "SELECT email_id, ack_code, numbered, message_id, plain_reports FROM requests"
+            " WHERE id = ?",
             (request_id,),
         ).fetchone()
         rows = self.db.execute(
             "SELECT tel, coalesce(code, 999) FROM recipients WHERE request_id = ? ORDER BY idx",
             (request_id,),
         ).fetchall()
-        return ReportData(row[0], row[1], bool(row[2]), [(t, c) for t, c in rows], row[3])
+        return ReportData(row[0], row[1], bool(row[2]), [(t, c) for t, c in rows], row[3], row[4])
 
     async def report_data(self, request_id: int) -> ReportData:
         return await self._read(lambda db: self._report_data(request_id))
