@@ -463,29 +463,27 @@ class Config(_Model):
     dispatch: DispatchConfig = Field(default_factory=DispatchConfig)  # type: ignore[arg-type]
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
-    @model_validator(mode="after")
-    def _references(self) -> Config:
-        problems: list[str] = []
-        seen: dict[str, int] = {}
-        for i, acc in enumerate(self.accounts):
-            if acc.keyid in seen:
-                problems.append(f"accounts[{i}].keyid: same keyid as accounts[{seen[acc.keyid]}]")
-            seen[acc.keyid] = i
-            names = [acc.provider] if acc.provider else []
-            for route in acc.routes or []:
-                names.extend(route.providers)
-            for name in names:
-                if name not in self.providers:
-                    problems.append(
-                        f"accounts[{i}]: provider {name!r} is not defined under providers"
-                    )
-        problems += _plain_problems(self)
-        from mailbridge.auth import auth_config_problems  # auth imports this module
 
-        problems += auth_config_problems(self)
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
+def _cross_section_problems(config: Config) -> list[str]:
+    """What no single section can see: duplicate keys, dangling provider names,
+    AUTH and plain-mode settings that need another section. Each problem is
+    `key: message`, like pydantic's."""
+    problems: list[str] = []
+    seen: dict[str, int] = {}
+    for i, acc in enumerate(config.accounts):
+        if acc.keyid in seen:
+            problems.append(f"accounts[{i}].keyid: same keyid as accounts[{seen[acc.keyid]}]")
+        seen[acc.keyid] = i
+        names = [acc.provider] if acc.provider else []
+        for route in acc.routes or []:
+            names.extend(route.providers)
+        for name in names:
+            if name not in config.providers:
+                problems.append(f"accounts[{i}]: provider {name!r} is not defined under providers")
+    problems += _plain_problems(config)
+    from mailbridge.auth import auth_config_problems  # auth imports this module
+
+    return problems + auth_config_problems(config)
 
 
 def _plain_problems(config: Config) -> list[str]:
@@ -578,6 +576,7 @@ def parse_config(data: Any, *, base_dir: Path, source: str = "config") -> Config
         unset = {p.split(":", 1)[0] for p in problems}
         problems.extend(p for p in _pydantic_problems(err) if p.split(":", 1)[0] not in unset)
         raise ConfigError(source, problems) from None
+    problems += _cross_section_problems(config)
     if problems:
         raise ConfigError(source, problems)
     return config

@@ -1,0 +1,81 @@
+"""The aiosmtpd internals intake.py relies on: an upgrade must fail here, loudly.
+
+intake.IntakeSMTP overrides or reads private parts of aiosmtpd's SMTP and
+Session (pyproject pins aiosmtpd below its next minor version for that
+reason). Each check names what intake does with the part, so that whoever
+upgrades aiosmtpd knows what to re-read. The checks look both at the
+attribute and at aiosmtpd's own source calling it: an attribute kept but no
+longer called would make an override silently dead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+
+import aiosmtpd
+import aiosmtpd.smtp
+import pytest
+from aiosmtpd.smtp import SMTP, Session
+
+from mailbridge.auth import IntakeSession
+from mailbridge.intake import IntakeSMTP
+
+SOURCE = inspect.getsource(aiosmtpd.smtp)
+
+# (attribute of SMTP, a call aiosmtpd must still make, what intake does with it)
+SMTP_SEAMS = [
+    ("_reset_timeout", "self._reset_timeout(", "one idle deadline, not a timer per command"),
+    ("_timeout_cb", "self._timeout_cb", "writes 421 4.4.2 before aiosmtpd closes"),
+    ("_getaddr", "self._getaddr(arg)", "fast path for plain <local@domain> at MAIL and RCPT"),
+    ("_create_session", "self._create_session()", "IntakeSession, without login_data's warning"),
+    ("line_length_limit", "limit=self.line_length_limit", "raised to the message size (SPEC 1)"),
+    ("line_length_limit", "len(line) > self.line_length_limit", "the per-line DATA check"),
+    ("command_size_limit", "self.command_size_limit", "command lines stay bounded (512)"),
+]  # fmt: skip
+
+
+def test_version_is_the_one_pinned() -> None:
+    major, minor = (int(x) for x in aiosmtpd.__version__.split(".")[:2])
+    assert (major, minor) == (1, 4), (
+        f"aiosmtpd {aiosmtpd.__version__}: re-check every seam in this file, then move the pin"
+    )
+
+
+@pytest.mark.parametrize("attribute, call, why", SMTP_SEAMS)
+def test_smtp_seam(attribute: str, call: str, why: str) -> None:
+    assert hasattr(SMTP, attribute), f"aiosmtpd.SMTP.{attribute} is gone; intake {why}"
+    assert call in SOURCE, f"aiosmtpd no longer calls {call!r}; intake {why}"
+
+
+def test_timeout_handle_is_the_instance_timer() -> None:
+    """_arm_timer cancels and replaces `_timeout_handle`, aiosmtpd's idle timer."""
+    loop = asyncio.new_event_loop()
+    try:
+        smtp = SMTP(object(), loop=loop)
+        assert hasattr(smtp, "_timeout_handle")
+        assert "self._timeout_handle = self.loop.call_later(" in SOURCE
+    finally:
+        loop.close()
+
+
+def test_session_login_data_slot() -> None:
+    """IntakeSession's login_data property reads and writes `_login_data`."""
+    session = Session(asyncio.new_event_loop())
+    assert hasattr(session, "_login_data")
+    assert isinstance(inspect.getattr_static(Session, "login_data"), property)
+    intake_session = IntakeSession(asyncio.new_event_loop())
+    intake_session.login_data = "x"
+    assert intake_session._login_data == "x"
+
+
+def test_intake_overrides_exist_on_the_base() -> None:
+    """Every method IntakeSMTP overrides is still a method of aiosmtpd's SMTP."""
+    overrides = [
+        name
+        for name, value in vars(IntakeSMTP).items()
+        if callable(value) and name.startswith("_") and not name.startswith("__")
+    ]
+    ours = {"_arm_timer", "_idle_timer"}  # helpers of our own, not overrides
+    missing = [n for n in overrides if n not in ours and not hasattr(SMTP, n)]
+    assert missing == [], f"IntakeSMTP overrides what aiosmtpd no longer has: {missing}"
