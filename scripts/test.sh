@@ -6,12 +6,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Real peers for the end-to-end tests, installed with apt-get only when missing:
-# swaks (an SMTP client) and its TLS/AUTH modules; Postfix (the MTA in front of
-# mailbridge in tests/test_postfix.py), preseeded so that it installs
+# swaks (an SMTP client) and its TLS/AUTH modules; the clients legacy systems
+# really use (tests/test_clients.py): curl, msmtp and mutt; Postfix (the MTA in
+# front of mailbridge in tests/test_postfix.py), preseeded so that it installs
 # non-interactively with no system configuration (the test runs its own).
 missing=()
 command -v swaks >/dev/null 2>&1 ||
   missing+=(swaks libnet-ssleay-perl libio-socket-ssl-perl libauthen-sasl-perl)
+for tool in curl msmtp mutt; do
+  command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+done
 [ -x /usr/sbin/postfix ] || command -v postfix >/dev/null 2>&1 || missing+=(postfix)
 if [ ${#missing[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

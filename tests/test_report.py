@@ -74,3 +74,23 @@ def test_header_injection_is_neutralised(renderer: ReportRenderer) -> None:
     data = ReportData("x\r\nBcc: victim@example.com", 0, False, [], None)
     raw = compose_mail(job, data, b"", from_address="mb@bridge.test", instance_id="i")
     assert b"\nBcc:" not in raw
+
+
+def test_plain_report_lists_the_failures(renderer: ReportRenderer) -> None:
+    rows = [("0601020304", 0), ("06.00.00.00.00", 11), ("0700000000", 21)]
+    data = ReportData("<m@c.test>", 0, True, rows, "<m@c.test>", "failures")
+    body = renderer.body("plain", data)
+    assert body.decode("utf-8") == (
+        "Votre SMS n'a pas été envoyé à 2 numéro(s) sur 3.\n\n"
+        "06.00.00.00.00 : Le numéro de téléphone est dans la liste noire (code 11)\n"
+        "0700000000 : Le numéro de téléphone n'est pas attribué (code 21)\n"
+    )
+    job = ReportJob(7, 3, "plain", "alarm@c.test", 1_800_000_000.0, 0)
+    mail = message_from_bytes(
+        compose_mail(job, data, body, from_address="mb@b.test", instance_id="i"),
+        policy=policy.default,  # type: ignore[arg-type]
+    )
+    assert (mail["Subject"], mail["In-Reply-To"], mail["Auto-Submitted"]) == (
+        "SMS non envoyé", "<m@c.test>", "auto-replied",
+    )  # fmt: skip
+    assert mail.get_content_charset() == "utf-8"

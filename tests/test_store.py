@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -207,3 +208,57 @@ async def test_report_data_many_reads_each_request_once_and_skips_unknown(
     assert set(many) == {first.request_id, second.request_id}
     assert many[first.request_id] == await store.report_data(first.request_id)
     assert many[second.request_id].rows == [("x", 7)]
+
+
+async def test_plain_report_only_when_a_number_failed(store: SqliteStore) -> None:
+    """SPEC 9, plain.reports: failures: the text report is queued only when a
+    number did not get code 0; `all` always; the XML Not never for plain mode."""
+    ok = [RecipientDraft("0601020304", "+33601020304", "x", "gsm7", 1, 5)]
+    failed = new_request("p1", ack_to=None, plain_reports="failures")
+    quiet = new_request("p2", ack_to=None, plain_reports="failures", recipients=ok)
+    everything = new_request("p3", ack_to=None, plain_reports="all", recipients=ok)
+    ids = [(await store.add_request(r)).request_id for r in (failed, quiet, everything)]
+    results = [RecipientResult(i, 1, 0, "outbox") for i in ids]
+    await store.record_results(results, NOW)
+    assert sorted(await store.finish_if_done(ids, NOW)) == sorted(ids)
+    reports = await store.claim_reports(NOW, 10, 60)
+    assert [(r.request_id, r.kind) for r in reports] == [(ids[0], "plain"), (ids[2], "plain")]
+    data = await store.report_data(ids[0])
+    assert (data.plain_reports, data.rows) == ("failures", [("0601020304", 0), ("bad", 7)])
+
+
+async def test_a_version_1_file_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite"
+    old = SqliteStore(path)
+    await old.open()
+    rid = (await old.add_request(new_request("v1"))).request_id
+    await old.close()
+    # What a file of schema version 1 looks like: no plain_reports column.
+    db = sqlite3.connect(path)
+    db.execute("ALTER TABLE requests DROP COLUMN plain_reports")
+    db.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    db.commit()
+    db.close()
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        assert (await store.report_data(rid)).plain_reports is None
+        assert (await store.add_request(new_request("v2", plain_reports="all"))).ack_code == 0
+    finally:
+        await store.close()
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("2",)
+    db.close()
+
+
+async def test_a_file_from_a_newer_version_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "new.sqlite"
+    store = SqliteStore(path)
+    await store.open()
+    await store.close()
+    db = sqlite3.connect(path)
+    db.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    db.commit()
+    db.close()
+    with pytest.raises(StoreUnavailable, match="schema version 99, newer than this mailbridge"):
+        await SqliteStore(path).open()
