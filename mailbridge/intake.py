@@ -118,6 +118,7 @@ class Examined:
     request: NewRequest
     account: AccountConfig
     checked: CheckedRequest
+    form: str = "envoi"  # or "plain" (SPEC section 9), for the log line
 
 
 # `<local@domain>` in its plain dot-atom form, optionally followed by
@@ -435,9 +436,9 @@ class IntakeHandler:
         req = ex.request
         to_send = sum(1 for r in req.recipients if r.code is None)
         log.info(
-            "request %d: account %s emailId %s from <%s> at %s: ack %d, %d recipient(s),"
+            "request %d: account %s %s emailId %s from <%s> at %s: ack %d, %d recipient(s),"
             " %d to send%s%s",
-            request_id, ex.account.label, req.email_id or "?", mail_from, client_ip, ack,
+            request_id, ex.account.label, ex.form, req.email_id or "?", mail_from, client_ip, ack,
             len(req.recipients) if ack == 0 else 0, to_send if ack == 0 else 0,
             "".join(f"; {n}" for n in ex.checked.notes),
             "" if req.due_at <= req.received_at else f"; held until {ex.checked.due_at}",
@@ -566,7 +567,7 @@ class IntakeHandler:
             recipients=checked.recipients,
             plain_reports=plain.reports if not_to is not None else None,
         )
-        return Examined(request, account, checked)
+        return Examined(request, account, checked, form="plain")
 
     @staticmethod
     def _check_origin(
