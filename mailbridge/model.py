@@ -42,6 +42,9 @@ class NewRequest:
     # Plain mode (SPEC section 9): the Not is a plain-text mail to `not_to`,
     # "failures" (only when a number failed) or "all"; None: the XML Not.
     plain_reports: str | None = None
+    # Where etatDlr mails go (SPEC section 7): <emailDlr>, else emailNot when the
+    # account has delivery_reports: true; None: no delivery mails.
+    dlr_to: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,3 +123,42 @@ class ReportData:
     rows: list[tuple[str, int]]  # (tel as written, code) in request order
     in_reply_to: str | None
     plain_reports: str | None = None  # plain mode: "failures" or "all" (NewRequest)
+
+
+# -- after "sent": delivery reports and replies (SPEC section 7) --------------------
+
+# Final delivery statuses, as the etatDlr mail writes them; EN_COURS is a
+# provider's intermediate status (kept, never mailed, never over a final one).
+FINAL_STATUSES = ("DELIVRE", "NON_DELIVRE", "EXPIRE", "REJETE")
+IN_PROGRESS = "EN_COURS"
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryEvent:
+    """A provider's delivery report for one message, as its callback said it."""
+
+    provider_type: str  # "cm" | "smsmode" | "kcell" | "smpp": the callback it came by
+    message_id: str | None  # what the recipient's provider_message_id holds
+    number: str | None  # E.164 of the recipient, when the report names it
+    status: str  # one of FINAL_STATUSES, or IN_PROGRESS
+    text: str  # the provider's own words (error text, status description)
+    occurred_at: float | None  # the provider's time of the status, when it gives one
+    dedupe_key: str  # the same callback twice gives the same key
+    raw: str  # the callback as received, for operators
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyEvent:
+    """An SMS a recipient sent back (MO), as the provider's callback said it."""
+
+    provider_type: str
+    message_id: str | None  # the original SMS's id, when the provider names it
+    number: str  # E.164 of the person who replied
+    to: str | None  # our number or short code it was sent to
+    text: str
+    occurred_at: float | None
+    dedupe_key: str
+    raw: str
+
+
+InboundEvent = DeliveryEvent | ReplyEvent

@@ -11,7 +11,7 @@ import pytest
 
 from mailbridge.model import NewRequest, RecipientDraft, RecipientResult
 from mailbridge.store import StoreUnavailable
-from mailbridge.store.sqlite import SqliteStore, _runs
+from mailbridge.store.sqlite import SCHEMA, SCHEMA_VERSION, SqliteStore, _runs
 
 NOW = 1_800_000_000.0
 
@@ -228,26 +228,37 @@ async def test_plain_report_only_when_a_number_failed(store: SqliteStore) -> Non
 
 
 async def test_a_version_1_file_is_migrated(tmp_path: Path) -> None:
+    """A file as the first release wrote it: its rows stay readable, and the new
+    columns and tables work."""
     path = tmp_path / "old.sqlite"
-    old = SqliteStore(path)
-    await old.open()
-    rid = (await old.add_request(new_request("v1"))).request_id
-    await old.close()
-    # What a file of schema version 1 looks like: no plain_reports column.
     db = sqlite3.connect(path)
-    db.execute("ALTER TABLE requests DROP COLUMN plain_reports")
-    db.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    db.executescript(SCHEMA)  # version 1, frozen
+    db.execute("INSERT INTO meta VALUES ('instance_id', 'abcd0123'), ('schema_version', '1')")
+    db.execute(
+        "INSERT INTO requests (account, email_id, ack_code, state, numbered, mail_from, client_ip,"
+        " received_at, due_at, token) VALUES ('key', 'v1', 0, 'done', 0, 'a@c.test', '127.0.0.1',"
+        " 1, 1, 'abc')"
+    )
+    db.execute(
+        "INSERT INTO recipients (request_id, idx, tel, encoding, parts, max_parts, code)"
+        " VALUES (1, 1, '0601020304', 'gsm7', 1, 1, 0)"
+    )
+    db.execute("INSERT INTO email_ids VALUES ('key', 'v1', 1)")
     db.commit()
     db.close()
     store = SqliteStore(path)
     await store.open()
     try:
-        assert (await store.report_data(rid)).plain_reports is None
+        assert store.instance_id == "abcd0123"
+        data = await store.report_data(1)
+        assert (data.email_id, data.rows, data.plain_reports) == ("v1", [("0601020304", 0)], None)
         assert (await store.add_request(new_request("v2", plain_reports="all"))).ack_code == 0
+        assert (await store.add_request(new_request("v1"))).ack_code == 1  # its emailIds kept
     finally:
         await store.close()
     db = sqlite3.connect(path)
-    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("2",)
+    version = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    assert version == (str(SCHEMA_VERSION),)
     db.close()
 
 

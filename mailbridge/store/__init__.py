@@ -15,12 +15,14 @@ it, nothing in between.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 from mailbridge.config import StoreConfig
 from mailbridge.model import (
     Admission,
     ClaimedRequest,
+    InboundEvent,
     NewRequest,
     PendingRecipient,
     RecipientResult,
@@ -28,9 +30,22 @@ from mailbridge.model import (
     ReportJob,
 )
 
+if TYPE_CHECKING:
+    from mailbridge.feedback import FeedbackPass, FeedbackRules
+
 
 class StoreUnavailable(Exception):
     """The store could not take the write (disk full, locked too long, I/O error)."""
+
+
+@dataclass(frozen=True)
+class StoreMetrics:
+    """What /metrics reads from the store: counters (name, label values, value)
+    kept in the same transactions as the work they count, and the gauges of
+    the current state (see store/sqlite_feedback.gauges)."""
+
+    counters: list[tuple[str, tuple[str, ...], float]]
+    gauges: dict[str, Any]
 
 
 class Store(Protocol):
@@ -116,6 +131,42 @@ class Store(Protocol):
     async def status(self, now: float) -> dict[str, object]:
         """Counts by state and the last errors, for `mailbridge status`."""
         ...
+
+    # -- after "sent" (SPEC section 7; rules in mailbridge.feedback) --------
+
+    async def add_events(self, events: Sequence[InboundEvent], now: float) -> list[bool]:
+        """Store delivery/reply events durably, once each (by dedupe key); True for new ones."""
+        ...
+
+    async def process_events(self, now: float, limit: int, rules: FeedbackRules) -> FeedbackPass:
+        """Match due events to their recipients; apply statuses, STOP, reply mails."""
+        ...
+
+    async def queue_delivery_reports(self, now: float, rules: FeedbackRules) -> int:
+        """Queue the etatDlr mails that are due; return how many."""
+        ...
+
+    async def next_feedback_due(self, rules: FeedbackRules) -> float | None: ...
+
+    async def delivery_rows(self, report_id: int) -> list[tuple[int, str, str, str, float]]:
+        """(idx, tel, status, provider's text, time) of one etatDlr report."""
+        ...
+
+    async def reply_data(self, report_id: int) -> tuple[str, str, str, bool] | None:
+        """(tel as written, E.164, text, is STOP) of one reply report."""
+        ...
+
+    async def blacklisted(self, account: str, numbers: Sequence[str]) -> set[str]:
+        """Which of these E.164 numbers are on the account's STOP list."""
+        ...
+
+    async def heartbeat(self, process: str, now: float, pid: int) -> None: ...
+
+    async def set_provider_state(
+        self, name: str, up: bool, now: float, error: str | None = None
+    ) -> None: ...
+
+    async def metrics(self, now: float) -> StoreMetrics: ...
 
 
 def open_store(config: StoreConfig) -> Store:

@@ -24,24 +24,30 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mailbridge.feedback import FeedbackPass, FeedbackRules
 from mailbridge.model import (
     Admission,
     ClaimedRequest,
+    InboundEvent,
     NewRequest,
     PendingRecipient,
     RecipientResult,
     ReportData,
     ReportJob,
 )
-from mailbridge.store import StoreUnavailable
+from mailbridge.store import StoreMetrics, StoreUnavailable
+from mailbridge.store import sqlite_feedback as fb
+from mailbridge.store.sqlite_feedback import FEEDBACK_SCHEMA
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-SCHEMA_VERSION = 2
-# Schema changes since version 1, applied in order to an older file at open.
-MIGRATIONS: dict[int, str] = {
-    2: "ALTER TABLE requests ADD COLUMN plain_reports TEXT",
+# Version 1 is SCHEMA below, frozen; every later change is a migration, applied
+# in order at open, to new files too (so the schema is written in one place).
+MIGRATIONS: dict[int, list[str]] = {
+    2: ["ALTER TABLE requests ADD COLUMN plain_reports TEXT"],  # plain mode (SPEC 9)
+    3: FEEDBACK_SCHEMA,  # delivery reports, replies, STOP, metrics (SPEC 7)
 }
+SCHEMA_VERSION = max(MIGRATIONS)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -64,7 +70,6 @@ CREATE TABLE IF NOT EXISTS requests (
     attempts INTEGER NOT NULL DEFAULT 0,
     last_error TEXT,
     done_at REAL,
-    plain_reports TEXT,                  -- plain mode: failures | all; NULL: XML Not
     -- random, part of every SMS idempotency key: after a backup is restored,
     -- request ids repeat, keys do not (a provider would take them for retries)
     token TEXT NOT NULL
@@ -326,24 +331,34 @@ class SqliteStore:
         self._migrate(db)
 
     def _migrate(self, db: sqlite3.Connection) -> None:
-        """Bring a file made by an older version to SCHEMA_VERSION; refuse a newer one."""
-        row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        if row is None:  # a new file: SCHEMA made the current tables (init() writes it)
-            return
-        version = int(row[0])
-        if version > SCHEMA_VERSION:
-            raise StoreUnavailable(
-                f"{self.path} has schema version {version}, newer than this mailbridge"
-                f" ({SCHEMA_VERSION}): upgrade mailbridge or restore a matching backup"
-            )
-        if version == SCHEMA_VERSION:
-            return
+        """Bring the file to SCHEMA_VERSION (a new one from 1); refuse a newer one.
+
+        One transaction (a crash leaves the old version whole) that holds the
+        write lock from the first read, so two processes opening at once do not
+        both migrate."""
         db.execute("BEGIN IMMEDIATE")
-        for step in range(version + 1, SCHEMA_VERSION + 1):
-            db.execute(MIGRATIONS[step])
-        db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
-        db.execute("COMMIT")
-        log.info("store: %s migrated from schema %d to %d", self.path, version, SCHEMA_VERSION)
+        try:
+            row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            if row is None:  # SCHEMA just made version 1
+                db.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+            version = 1 if row is None else int(row[0])
+            if version > SCHEMA_VERSION:
+                raise StoreUnavailable(
+                    f"{self.path} has schema version {version}, newer than this mailbridge"
+                    f" ({SCHEMA_VERSION}): upgrade mailbridge or restore a matching backup"
+                )
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[step]:
+                    db.execute(statement)
+            db.execute(
+                "UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),)
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        if row is not None and version < SCHEMA_VERSION:
+            log.info("store: %s migrated from schema %d to %d", self.path, version, SCHEMA_VERSION)
 
     async def open(self) -> None:
         await asyncio.to_thread(self._open)
@@ -356,7 +371,6 @@ class SqliteStore:
                 return str(row[0])
             instance = secrets.token_hex(4)
             db.execute("INSERT INTO meta VALUES ('instance_id', ?)", (instance,))
-            db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             return instance
 
         self.instance_id = await self._write(init)
@@ -377,12 +391,13 @@ class SqliteStore:
         state = "queued" if ack == 0 else "done"
         cur = db.execute(
             "INSERT INTO requests (account, email_id, ack_code, state, numbered, sender, reference,"
-            " not_to, mail_from, client_ip, message_id, received_at, due_at, token, plain_reports)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " not_to, mail_from, client_ip, message_id, received_at, due_at, token, plain_reports,"
+            " dlr_to) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 req.account, req.email_id, ack, state, int(req.numbered), req.sender,
                 req.reference, req.not_to, req.mail_from, req.client_ip, req.message_id,
                 req.received_at, req.due_at, secrets.token_hex(3), req.plain_reports,
+                req.dlr_to,
             ),
         )  # fmt: skip
         request_id = int(cur.lastrowid or 0)
@@ -399,6 +414,16 @@ class SqliteStore:
                 )
         if req.ack_to:
             self._add_report(db, request_id, "ack", req.ack_to, req.received_at)
+        outcome = {0: "accepted", 1: "duplicate"}.get(ack, "invalid")
+        counts: dict[tuple[str, tuple[str, ...]], float] = {
+            ("mailbridge_emails_total", (outcome,)): 1
+        }
+        if ack == 0:
+            for r in req.recipients:  # codes known at intake: no provider
+                if r.code is not None:
+                    key = ("mailbridge_sms_total", ("none", str(r.code)))
+                    counts[key] = counts.get(key, 0) + 1
+        fb.bump(db, counts)
         if ack == 0:
             db.executemany(
                 "INSERT INTO recipients (request_id, idx, tel, number, text, encoding, parts,"
@@ -553,6 +578,14 @@ class SqliteStore:
                 for first, last in _runs(idxs)
             ),
         )
+        counts: dict[tuple[str, tuple[str, ...]], float] = {}
+        for r in results:
+            if r.code is not None:
+                metric = ("mailbridge_sms_total", (r.provider or "none", str(r.code)))
+                counts[metric] = counts.get(metric, 0) + 1
+        fb.bump(db, counts)
+        # A delivery report that came before its message id was recorded is due now.
+        fb.retry_waiting_events(db, (r.provider_message_id for r in results), now)
         refunds: dict[int, int] = {}
         for r in results:
             if r.refund_parts:
@@ -610,6 +643,8 @@ class SqliteStore:
                 # Plain mode's report (SPEC section 9): with "failures", only when
                 # a number did not get code 0.
                 self._add_report(db, request_id, "plain", not_to, now)
+        if row is not None:
+            fb.start_delivery_reports(db, request_id, now)
         return row is not None
 
     async def finish_if_done(self, request_ids: Sequence[int], now: float) -> list[int]:
@@ -689,6 +724,43 @@ class SqliteStore:
             )
 
         await self._write(failed)
+
+    # -- after "sent": delivery reports, replies, STOP, metrics (SPEC 7) ------
+
+    async def add_events(self, events: Sequence[InboundEvent], now: float) -> list[bool]:
+        return await self._write(lambda db: fb.add_events(db, events, now))
+
+    async def process_events(self, now: float, limit: int, rules: FeedbackRules) -> FeedbackPass:
+        return await self._write(lambda db: fb.process_events(db, now, limit, rules))
+
+    async def queue_delivery_reports(self, now: float, rules: FeedbackRules) -> int:
+        return await self._write(lambda db: fb.queue_delivery_reports(db, now, rules))
+
+    async def next_feedback_due(self, rules: FeedbackRules) -> float | None:
+        return await self._read(lambda db: fb.next_feedback_due(db, rules))
+
+    async def delivery_rows(self, report_id: int) -> list[tuple[int, str, str, str, float]]:
+        return await self._read(lambda db: fb.delivery_rows(db, report_id))
+
+    async def reply_data(self, report_id: int) -> tuple[str, str, str, bool] | None:
+        return await self._read(lambda db: fb.reply_data(db, report_id))
+
+    async def blacklisted(self, account: str, numbers: Sequence[str]) -> set[str]:
+        return await self._read(lambda db: fb.blacklisted(db, account, numbers))
+
+    async def heartbeat(self, process: str, now: float, pid: int) -> None:
+        await self._write(lambda db: fb.beat(db, process, now, pid))
+
+    async def set_provider_state(
+        self, name: str, up: bool, now: float, error: str | None = None
+    ) -> None:
+        await self._write(lambda db: fb.set_provider_state(db, name, up, now, error))
+
+    async def metrics(self, now: float) -> StoreMetrics:
+        def read(db: sqlite3.Connection) -> StoreMetrics:
+            return StoreMetrics(fb.counters(db), fb.gauges(db, now))
+
+        return await self._read(read)
 
     # -- status ----------------------------------------------------------
 

@@ -1,0 +1,206 @@
+"""Delivery reports, replies and STOP in the store (SPEC section 7), on a real
+SQLite file: stored once, matched even when early, final statuses kept, the
+etatDlr mails grouped per request, reply mails, the STOP blacklist."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from mailbridge.feedback import EVENT_MAX_AGE_S, FeedbackRules, event_retry_delay, is_stop
+from mailbridge.model import DeliveryEvent, RecipientDraft, RecipientResult, ReplyEvent
+from mailbridge.store.sqlite import SqliteStore
+from tests.test_store import NOW, new_request
+
+RULES = FeedbackRules(
+    providers_by_type={"cm": ("cm1",), "kcell": ("kz",)},
+    reply_to={"key": None, "other": "replies@c.test"},
+    delivery_report_delay_s=3600,
+    delivery_report_max_age_s=86400,
+)
+
+
+def dlr(message_id: str | None, status: str, number: str | None = None, key: str = "",
+        provider: str = "kcell", text: str = "") -> DeliveryEvent:  # fmt: skip
+    return DeliveryEvent(
+        provider, message_id, number, status, text, None,
+        key or f"{provider}:{message_id}:{number}:{status}", "{}",
+    )  # fmt: skip
+
+
+def mo(number: str, text: str, message_id: str | None = None, key: str = "") -> ReplyEvent:
+    return ReplyEvent("kcell", message_id, number, "9090", text, None, key or f"mo:{text}", "{}")
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    s = SqliteStore(tmp_path / "db.sqlite")
+    await s.open()
+    yield s
+    await s.close()
+
+
+def two_numbers() -> list[RecipientDraft]:
+    return [
+        RecipientDraft("0601020304", "+33601020304", "hello", "gsm7", 1, 5),
+        RecipientDraft("06 01 02 03 05", "+33601020305", "hello", "gsm7", 1, 5),
+    ]
+
+
+async def sent(store: SqliteStore, email_id: str, ids: list[str], **kw: object) -> int:
+    """A request of two numbers, both accepted by provider kz with these message ids."""
+    kw.setdefault("dlr_to", "dlr@c.test")
+    rid = (
+        await store.add_request(new_request(email_id, recipients=two_numbers(), **kw))
+    ).request_id
+    await store.record_results(
+        [RecipientResult(rid, i, 0, "kz", mid) for i, mid in enumerate(ids, start=1)], NOW
+    )
+    assert await store.finish_if_done([rid], NOW) == [rid]
+    return rid
+
+
+async def kinds(store: SqliteStore, now: float = NOW + 10**7) -> list[tuple[int, str, str]]:
+    return [(j.request_id, j.kind, j.to_addr) for j in await store.claim_reports(now, 100, 60)]
+
+
+async def test_same_callback_twice_is_stored_once(store: SqliteStore) -> None:
+    event = dlr("m1", "DELIVRE")
+    assert await store.add_events([event, event], NOW) == [True, False]
+    assert await store.add_events([event], NOW) == [False]
+    metrics = await store.metrics(NOW)
+    assert ("mailbridge_delivery_reports_total", ("kcell", "DELIVRE"), 1.0) in metrics.counters
+
+
+async def test_all_final_gives_one_etatdlr_mail_at_once(store: SqliteStore) -> None:
+    rid = await sent(store, "e1", ["m1", "m2"])
+    await store.add_events([dlr("m1", "DELIVRE"), dlr("m2", "EN_COURS")], NOW + 1)
+    done = await store.process_events(NOW + 1, 100, RULES)
+    assert (done.matched, done.waiting) == (2, 0)
+    assert await store.queue_delivery_reports(NOW + 1, RULES) == 0  # m2 not final yet
+    await store.add_events([dlr("m2", "NON_DELIVRE", text="Absent subscriber")], NOW + 2)
+    await store.process_events(NOW + 2, 100, RULES)
+    assert await store.queue_delivery_reports(NOW + 2, RULES) == 1
+    assert await store.queue_delivery_reports(NOW + 3, RULES) == 0  # never twice
+    jobs = [j for j in await store.claim_reports(NOW + 3, 100, 60) if j.kind == "dlr"]
+    assert [(j.request_id, j.to_addr) for j in jobs] == [(rid, "dlr@c.test")]
+    rows = await store.delivery_rows(jobs[0].id)
+    assert [(i, tel, status, text) for i, tel, status, text, _ in rows] == [
+        (1, "0601020304", "DELIVRE", ""),
+        (2, "06 01 02 03 05", "NON_DELIVRE", "Absent subscriber"),
+    ]
+
+
+async def test_a_final_status_is_never_replaced(store: SqliteStore) -> None:
+    await sent(store, "e2", ["m3", "m4"])
+    await store.add_events([dlr("m3", "DELIVRE")], NOW)
+    await store.process_events(NOW, 100, RULES)
+    # Out of order: the intermediate status arrives after the final one.
+    await store.add_events([dlr("m3", "EN_COURS"), dlr("m3", "REJETE")], NOW + 1)
+    await store.process_events(NOW + 1, 100, RULES)
+    await store.add_events([dlr("m4", "EXPIRE")], NOW + 2)
+    await store.process_events(NOW + 2, 100, RULES)
+    await store.queue_delivery_reports(NOW + 2, RULES)
+    (job,) = [j for j in await store.claim_reports(NOW + 2, 100, 60) if j.kind == "dlr"]
+    assert [r[2] for r in await store.delivery_rows(job.id)] == ["DELIVRE", "EXPIRE"]
+
+
+async def test_a_report_before_its_message_id_is_kept_and_matched(store: SqliteStore) -> None:
+    await store.add_events([dlr("early", "DELIVRE")], NOW)
+    assert (await store.process_events(NOW, 100, RULES)).waiting == 1
+    assert (await store.metrics(NOW)).gauges["events_waiting"] == 1
+    # The provider's answer is recorded: the waiting event is due at once.
+    rid = await sent(store, "e3", ["early", "m5"])
+    done = await store.process_events(NOW, 100, RULES)
+    assert done.matched == 1
+    await store.add_events([dlr("m5", "DELIVRE")], NOW)
+    await store.process_events(NOW, 100, RULES)
+    assert await store.queue_delivery_reports(NOW, RULES) == 1
+    assert (rid, "dlr", "dlr@c.test") in await kinds(store)
+
+
+async def test_unmatched_event_backs_off_then_becomes_an_orphan(store: SqliteStore) -> None:
+    await store.add_events([dlr("nobody", "DELIVRE")], NOW)
+    assert (await store.process_events(NOW, 100, RULES)).waiting == 1
+    assert (await store.process_events(NOW + 1, 100, RULES)).waiting == 0  # not due yet
+    later = NOW + event_retry_delay(0)
+    assert (await store.process_events(later, 100, RULES)).waiting == 1
+    assert await store.next_feedback_due(RULES) == later + event_retry_delay(1)
+    done = await store.process_events(NOW + EVENT_MAX_AGE_S + 1, 100, RULES)
+    assert len(done.orphans) == 1 and "nobody" in done.orphans[0]
+
+
+async def test_after_the_delay_those_final_by_then_then_the_rest(store: SqliteStore) -> None:
+    rid = await sent(store, "e4", ["m6", "m7"])
+    await store.add_events([dlr("m6", "DELIVRE")], NOW)
+    await store.process_events(NOW, 100, RULES)
+    assert await store.queue_delivery_reports(NOW + 3599, RULES) == 0
+    assert await store.next_feedback_due(RULES) == NOW + 3600
+    assert await store.queue_delivery_reports(NOW + 3600, RULES) == 1  # m6 alone
+    await store.add_events([dlr("m7", "DELIVRE")], NOW + 4000)
+    await store.process_events(NOW + 4000, 100, RULES)
+    assert await store.queue_delivery_reports(NOW + 4000, RULES) == 1  # the rest, at once
+    jobs = [j for j in await store.claim_reports(NOW + 4000, 100, 60) if j.kind == "dlr"]
+    assert [[r[0] for r in await store.delivery_rows(j.id)] for j in jobs] == [[1], [2]]
+    assert all(j.request_id == rid for j in jobs)
+
+
+async def test_no_etatdlr_without_an_address(store: SqliteStore) -> None:
+    await sent(store, "e5", ["m8", "m9"], dlr_to=None)
+    await store.add_events([dlr("m8", "DELIVRE"), dlr("m9", "DELIVRE")], NOW)
+    assert (await store.process_events(NOW, 100, RULES)).matched == 2
+    assert await store.queue_delivery_reports(NOW + 10**6, RULES) == 0
+
+
+async def test_batch_ids_match_with_the_number(store: SqliteStore) -> None:
+    """sMsmode and CM name a message by an id its whole batch shares, plus the number."""
+    rid = await sent(store, "e6", ["batch1", "batch1"])
+    await store.add_events([dlr("batch1", "DELIVRE", number="+33601020305")], NOW)
+    await store.process_events(NOW, 100, RULES)
+    await store.add_events([dlr("batch1", "REJETE", number="+33601020304")], NOW)
+    await store.process_events(NOW, 100, RULES)
+    await store.queue_delivery_reports(NOW, RULES)
+    (job,) = [j for j in await store.claim_reports(NOW, 100, 60) if j.kind == "dlr"]
+    assert job.request_id == rid
+    assert [(r[0], r[2]) for r in await store.delivery_rows(job.id)] == [
+        (1, "REJETE"), (2, "DELIVRE")
+    ]  # fmt: skip
+
+
+async def test_reply_mail_and_stop(store: SqliteStore) -> None:
+    older = await sent(store, "e7", ["m10", "m11"])
+    newer = await sent(store, "e8", ["m12", "m13"], account="other")
+    await store.add_events([mo("+33601020304", "Merci, bien reçu")], NOW)
+    await store.add_events([mo("+33601020305", "Stop 36111")], NOW)
+    done = await store.process_events(NOW, 100, RULES)
+    assert (done.matched, done.reply_reports, len(done.stops)) == (2, 2, 1)
+    replies = [(j.request_id, j.to_addr, j.id) for j in await store.claim_reports(NOW, 100, 60)
+               if j.kind == "reply"]  # fmt: skip
+    # The most recent request to that number; the account's reply_to.
+    assert [(r, to) for r, to, _ in replies] == [(newer, "replies@c.test")] * 2
+    assert await store.reply_data(replies[1][2]) == (
+        "06 01 02 03 05", "+33601020305", "Stop 36111", True
+    )  # fmt: skip
+    assert await store.blacklisted("other", ["+33601020305", "+33601020304"]) == {"+33601020305"}
+    assert await store.blacklisted("key", ["+33601020305"]) == set()
+    assert older < newer
+
+
+@pytest.mark.parametrize(
+    "text, stop",
+    [("STOP", True), ("stop", True), ("Stop", True), ("  STOP 36111", True), ("stop.", True),
+     ("STOPPER", False), ("arrêtez stop", False), ("", False)],
+)  # fmt: skip
+def test_stop_words(text: str, stop: bool) -> None:
+    assert is_stop(text) is stop
+
+
+async def test_heartbeat_and_provider_state_in_the_gauges(store: SqliteStore) -> None:
+    await store.heartbeat("worker", NOW, 42)
+    await store.set_provider_state("cm1", False, NOW, "401 Unauthorized")
+    await store.set_provider_state("kz", True, NOW)
+    gauges = (await store.metrics(NOW)).gauges
+    assert gauges["heartbeats"] == {"worker": NOW}
+    assert gauges["providers"] == {"cm1": False, "kz": True}
