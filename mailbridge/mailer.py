@@ -28,7 +28,7 @@ import aiosmtplib
 from mailbridge.clock import Clock, nap
 from mailbridge.config import RelayConfig, ReportsConfig
 from mailbridge.model import ReportData, ReportJob
-from mailbridge.report import ReportRenderer, compose_mail
+from mailbridge.report import Rendered, ReplyContent, ReportRenderer, compose_mail
 from mailbridge.store import Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -193,11 +193,11 @@ class Mailer:
         `data`: the request's report data when the caller has read it already."""
         if data is None:
             data = await self.store.report_data(job.request_id)
-        body = self.renderer.body(job.kind, data)
+        rendered = await self._render(job, data)
         mail = compose_mail(
             job,
             data,
-            body,
+            rendered,
             from_address=self.config.from_address,
             instance_id=self.store.instance_id,
         )
@@ -214,6 +214,17 @@ class Mailer:
         await self.store.report_sent(job.id, self.clock.time())
         log.info("request %d: %s report delivered to %s", job.request_id, job.kind, job.to_addr)
         return True
+
+    async def _render(self, job: ReportJob, data: ReportData) -> Rendered:
+        if job.kind == "dlr":
+            rows = await self.store.delivery_rows(job.id)
+            return self.renderer.render("dlr", data, dlr_rows=rows)
+        if job.kind == "reply":
+            reply = await self.store.reply_data(job.id)
+            if reply is None:
+                raise LookupError(f"reply report {job.id} has no reply")
+            return self.renderer.render("reply", data, reply=ReplyContent(*reply))
+        return self.renderer.render(job.kind, data)
 
     async def run_once(self) -> int:
         """Deliver every report due now; return how many were delivered.

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.header import Header
 from email.utils import format_datetime
 from pathlib import Path
 from typing import NamedTuple
+from zoneinfo import ZoneInfo
 
 import jinja2
 
@@ -25,6 +27,12 @@ from mailbridge.codes import ack_message, not_message
 from mailbridge.model import ReportData, ReportJob
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+PARIS = ZoneInfo("Europe/Paris")  # etatDlr dates (SPEC section 7)
+# Plain mode's delivery mails (SPEC section 9) in words.
+_PLAIN_STATUS = {
+    "DELIVRE": "distribué", "NON_DELIVRE": "non distribué", "EXPIRE": "expiré",
+    "REJETE": "rejeté",
+}  # fmt: skip
 
 
 def find_templates() -> Path:
@@ -58,6 +66,42 @@ class NotRow(NamedTuple):
     message: str
 
 
+class DlrRow(NamedTuple):
+    """One recipient's line in an etatDlr mail (numbered as in its request)."""
+
+    n: int
+    tel: str
+    statut: str
+    message: str
+    date: str
+    label: str  # the status in words, for plain mode
+
+
+class ReplyContent(NamedTuple):
+    """A reply SMS to forward: the number as the request wrote it, in E.164,
+    the text, and whether it is a STOP."""
+
+    tel: str
+    number: str
+    text: str
+    stop: bool
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A report's Subject, body and what its headers need."""
+
+    subject: str
+    body: bytes
+    charset: str = "ISO-8859-1"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def paris_time(timestamp: float) -> str:
+    """`YYYY-MM-DD HH:MM:SS` in Europe/Paris, as etatDlr writes dates."""
+    return datetime.fromtimestamp(timestamp, PARIS).strftime("%Y-%m-%d %H:%M:%S")
+
+
 class ReportRenderer:
     """The jinja2 environment, built once; renders report bodies."""
 
@@ -74,6 +118,9 @@ class ReportRenderer:
         self._ack = self._env.get_template("ack.xml.j2")
         self._not = self._env.get_template("not.xml.j2")
         self._plain = self._env.get_template("plain.txt.j2")
+        self._dlr = self._env.get_template("dlr.xml.j2")
+        self._plain_dlr = self._env.get_template("plain_dlr.txt.j2")
+        self._reply = self._env.get_template("reply.txt.j2")
 
     def ack_body(self, email_id: str | None, code: int) -> bytes:
         """The etatAck document; `?` stands for a missing emailId."""
@@ -108,6 +155,40 @@ class ReportRenderer:
             return self.plain_body(data)
         return self.not_body(data)
 
+    def render(
+        self,
+        kind: str,
+        data: ReportData,
+        dlr_rows: Sequence[tuple[int, str, str, str, float]] = (),
+        reply: ReplyContent | None = None,
+    ) -> Rendered:
+        """Subject and body of a report of `kind` (ack, not, plain, dlr, reply);
+        `dlr_rows` for dlr, `reply` for reply (as the store gives them)."""
+        email_id = data.email_id or "?"
+        if kind == "dlr":
+            rows = [
+                DlrRow(n, tel, status, text, paris_time(at), _PLAIN_STATUS.get(status, status))
+                for n, tel, status, text, at in dlr_rows
+            ]
+            if data.plain_reports is not None:
+                delivered = all(r.statut == "DELIVRE" for r in rows)
+                subject = "SMS distribué" if delivered else "SMS non distribué"
+                body = self._plain_dlr.render(rows=rows).encode("utf-8")
+                return Rendered(subject, body, "utf-8")
+            body = _latin1(self._dlr.render(email_id=email_id, rows=rows))
+            return Rendered(f"etatDlr {email_id}", body)
+        if kind == "reply":
+            assert reply is not None
+            text = self._reply.render(tel=reply.tel, text=reply.text, stop=reply.stop)
+            headers = (("X-Mailbridge-Stop", "yes"),) if reply.stop else ()
+            return Rendered(f"SMS de {reply.tel}", text.encode("utf-8"), "utf-8", headers)
+        if kind == "plain":
+            failed = any(code != 0 for _, code in data.rows)
+            subject = "SMS non envoyé" if failed else "SMS envoyé"
+            return Rendered(subject, self.plain_body(data), "utf-8")
+        label = "etatAck" if kind == "ack" else "etatNot"
+        return Rendered(f"{label} {email_id}", self.body(kind, data))
+
 
 def _latin1(text: str) -> bytes:
     # Characters outside ISO-8859-1 (a client's emailId in Cyrillic…) become
@@ -131,32 +212,26 @@ def report_message_id(job: ReportJob, instance_id: str, from_address: str) -> st
 def compose_mail(
     job: ReportJob,
     data: ReportData,
-    body: bytes,
+    rendered: Rendered,
     *,
     from_address: str,
     instance_id: str,
 ) -> bytes:
     """The whole report mail (LF line ends; SMTP delivery turns them into CRLF)."""
-    charset = "ISO-8859-1"
-    if job.kind == "plain":
-        failed = any(code != 0 for _, code in data.rows)
-        subject, charset = ("SMS non envoyé" if failed else "SMS envoyé"), "utf-8"
-    else:
-        label = "etatAck" if job.kind == "ack" else "etatNot"
-        subject = f"{label} {data.email_id or '?'}"
     headers = [
         ("From", from_address),
         ("To", job.to_addr),
-        ("Subject", subject),
+        ("Subject", rendered.subject),
         ("Date", format_datetime(datetime.fromtimestamp(job.created_at, UTC))),
         ("Message-ID", report_message_id(job, instance_id, from_address)),
         ("Auto-Submitted", "auto-replied"),
         ("MIME-Version", "1.0"),
-        ("Content-Type", f"text/plain; charset={charset}"),
+        ("Content-Type", f"text/plain; charset={rendered.charset}"),
         ("Content-Transfer-Encoding", "8bit"),
         ("X-Mailbridge-Request", str(job.request_id)),
+        *rendered.headers,
     ]
     if data.in_reply_to:
         headers += [("In-Reply-To", data.in_reply_to), ("References", data.in_reply_to)]
     head = "".join(f"{name}: {_header(value)}\n" for name, value in headers)
-    return head.encode("ascii") + b"\n" + body
+    return head.encode("ascii") + b"\n" + rendered.body

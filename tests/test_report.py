@@ -9,7 +9,7 @@ import pytest
 
 from mailbridge.codes import NOT_MESSAGES
 from mailbridge.model import ReportData, ReportJob
-from mailbridge.report import ReportRenderer, compose_mail
+from mailbridge.report import ReplyContent, ReportRenderer, compose_mail
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -55,7 +55,9 @@ def test_report_mail_headers(renderer: ReportRenderer) -> None:
     job = ReportJob(7, 42, "not", "not@client.test", 1_800_000_000.0, 0)
     data = ReportData("1548", 0, False, [("0601020304", 0)], "<orig@client.test>")
     body = renderer.not_body(data)
-    raw = compose_mail(job, data, body, from_address="mb@bridge.test", instance_id="abcd1234")
+    rendered = renderer.render("not", data)
+    assert rendered.body == body
+    raw = compose_mail(job, data, rendered, from_address="mb@bridge.test", instance_id="abcd1234")
     msg = message_from_bytes(raw, policy=policy.default)
     assert msg["Auto-Submitted"] == "auto-replied"
     assert msg["To"] == "not@client.test"
@@ -65,15 +67,18 @@ def test_report_mail_headers(renderer: ReportRenderer) -> None:
     assert msg.get_payload(decode=True) == golden("not_single.xml")
     # The same job renders the same mail: retries are recognisable duplicates.
     assert raw == compose_mail(
-        job, data, body, from_address="mb@bridge.test", instance_id="abcd1234"
-    )
+        job, data, renderer.render("not", data), from_address="mb@bridge.test",
+        instance_id="abcd1234",
+    )  # fmt: skip
 
 
 def test_header_injection_is_neutralised(renderer: ReportRenderer) -> None:
     job = ReportJob(1, 1, "ack", "a@client.test", 0.0, 0)
     data = ReportData("x\r\nBcc: victim@example.com", 0, False, [], None)
-    raw = compose_mail(job, data, b"", from_address="mb@bridge.test", instance_id="i")
-    assert b"\nBcc:" not in raw
+    raw = compose_mail(
+        job, data, renderer.render("ack", data), from_address="mb@bridge.test", instance_id="i"
+    )
+    assert b"\nBcc:" not in raw.split(b"\n\n", 1)[0]  # the headers
 
 
 def test_plain_report_lists_the_failures(renderer: ReportRenderer) -> None:
@@ -87,10 +92,50 @@ def test_plain_report_lists_the_failures(renderer: ReportRenderer) -> None:
     )
     job = ReportJob(7, 3, "plain", "alarm@c.test", 1_800_000_000.0, 0)
     mail = message_from_bytes(
-        compose_mail(job, data, body, from_address="mb@b.test", instance_id="i"),
+        compose_mail(
+            job, data, renderer.render("plain", data), from_address="mb@b.test", instance_id="i"
+        ),  # fmt: skip
         policy=policy.default,  # type: ignore[arg-type]
     )
     assert (mail["Subject"], mail["In-Reply-To"], mail["Auto-Submitted"]) == (
         "SMS non envoyé", "<m@c.test>", "auto-replied",
     )  # fmt: skip
     assert mail.get_content_charset() == "utf-8"
+
+
+def test_etatdlr_bytes(renderer: ReportRenderer) -> None:
+    """SPEC 7: numbered like the request, dates in Europe/Paris, ISO-8859-1."""
+    rows = [
+        (1, "0601020304", "DELIVRE", "", 1_790_000_000.0),  # 2026-09-21, summer time
+        (3, "06 01 02 & 03", "NON_DELIVRE", "Abonné absent <27>", 1_800_000_000.0),  # winter
+    ]
+    rendered = renderer.render("dlr", ReportData("1548", 0, True, [], None), dlr_rows=rows)
+    assert rendered.subject == "etatDlr 1548"
+    assert rendered.body == golden("dlr.xml")
+
+
+def test_plain_delivery_mail(renderer: ReportRenderer) -> None:
+    data = ReportData("<m@c.test>", 0, True, [], "<m@c.test>", "failures")
+    rows = [(1, "0601020304", "DELIVRE", "", 1_800_000_000.0),
+            (2, "0601020305", "EXPIRE", "validity", 1_800_000_000.0)]  # fmt: skip
+    rendered = renderer.render("dlr", data, dlr_rows=rows)
+    assert (rendered.subject, rendered.charset) == ("SMS non distribué", "utf-8")
+    assert rendered.body.decode() == (
+        "Distribution de votre SMS :\n\n"
+        "0601020304 : distribué le 2027-01-15 09:00:00\n"
+        "0601020305 : expiré le 2027-01-15 09:00:00 (validity)\n"
+    )
+
+
+def test_reply_mail(renderer: ReportRenderer) -> None:
+    data = ReportData("1548", 0, True, [], "<orig@c.test>")
+    reply = ReplyContent("06 01 02 03 04", "+33601020304", "Stop 36111", True)
+    rendered = renderer.render("reply", data, reply=reply)
+    assert (rendered.subject, rendered.charset) == ("SMS de 06 01 02 03 04", "utf-8")
+    assert rendered.headers == (("X-Mailbridge-Stop", "yes"),)
+    assert rendered.body.decode() == (
+        "Stop 36111\n\n-- \n06 01 02 03 04 a répondu STOP : ce numéro est mis sur la liste"
+        " noire du compte (code 11 pour les prochains envois).\n"
+    )
+    plain = renderer.render("reply", data, reply=reply._replace(text="Merci", stop=False))
+    assert (plain.body, plain.headers) == (b"Merci\n", ())
