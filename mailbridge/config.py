@@ -183,6 +183,11 @@ class ReportsConfig(_Model):
     smtp: RelayConfig | None = None
     retry_backoff_s: float = Field(30.0, gt=0)  # first wait after a failed delivery, doubling
     retry_max_backoff_s: float = Field(3600.0, gt=0)
+    # etatDlr mails (SPEC section 7): one per request once every sent recipient has
+    # its final status, or this many seconds after the Not with those final by then
+    # (the rest follow, at most every delay); none after delivery_report_max_age.
+    delivery_report_delay: float = Field(3600.0, gt=0)
+    delivery_report_max_age: float = Field(3 * 86400.0, gt=0)
 
     @model_validator(mode="after")
     def _one_sink(self) -> ReportsConfig:
@@ -191,9 +196,58 @@ class ReportsConfig(_Model):
         return self
 
 
+class HttpTlsConfig(_Model):
+    """TLS on the HTTP receiver, for a port providers reach without a reverse proxy."""
+
+    cert: ConfigPath
+    key: ConfigPath
+
+    @model_validator(mode="after")
+    def _loadable(self) -> HttpTlsConfig:
+        import ssl
+
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                str(self.cert), str(self.key)
+            )
+        except (OSError, ssl.SSLError, ValueError) as err:
+            raise ValueError(f"cert/key: cannot load a matching PEM certificate and key ({err})")
+        return self
+
+
 class HttpConfig(_Model):
+    """The HTTP receiver (SPEC section 7): provider callbacks, /healthz, /metrics."""
+
     listen: str = "127.0.0.1:8025"
-    token: str = Field(min_length=8)
+    # The shared secret in the callback paths (/hooks/<token>/cm); never logged.
+    token: str = Field(min_length=16, repr=False)
+    tls: HttpTlsConfig | None = None
+    # The receiver's address as providers reach it (https://sms.example.com): when
+    # set, sMsmode requests carry their notification_url; CM and Kcell take the
+    # URL in their consoles (docs/providers.md).
+    public_url: str | None = None
+    # Hardening (aiohttp's defaults keep idle connections an hour and read a body
+    # with no deadline): bodies, headers, idle keep-alive, body read time, and
+    # connections at once (more are closed at once).
+    max_body_bytes: int = Field(1_048_576, ge=1024)
+    max_header_bytes: int = Field(8190, ge=1024)
+    max_headers: int = Field(64, ge=8)
+    keepalive_s: float = Field(15.0, gt=0)
+    body_timeout_s: float = Field(10.0, gt=0)
+    max_connections: int = Field(256, ge=1)
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        parse_hostport(v)
+        return v
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"https?://[^/\s]+", v):
+            raise ValueError(f"{v!r}: an absolute http(s) URL, e.g. https://sms.example.com")
+        return None if v is None else v.rstrip("/")
 
 
 class _ProviderBase(_Model):

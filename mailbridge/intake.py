@@ -491,13 +491,19 @@ class IntakeHandler:
             why = "; ".join(checked.notes) or f"Ack {checked.ack_code}"
             raise Refused(REPLY_INVALID_NO_ACK.format(why))
         email_id = (envoi.get("emailid") or "").strip() or None
+        not_to = self._report_address(envoi.get("emailnot"), account, "emailNot")
+        # SPEC 7: etatDlr mails to <emailDlr>, else to emailNot when the account asks.
+        if envoi.get("emaildlr") is not None:
+            dlr_to = self._report_address(envoi.get("emaildlr"), account, "emailDlr")
+        else:
+            dlr_to = not_to if account.delivery_reports else None
         received = now.timestamp()
         request = NewRequest(
             account=account.keyid,
             email_id=email_id,
             ack_code=checked.ack_code,
             ack_to=ack_to,
-            not_to=self._report_address(envoi.get("emailnot"), account, "emailNot"),
+            not_to=not_to,
             numbered=checked.numbered,
             sender=checked.sender,
             reference=checked.reference,
@@ -507,6 +513,7 @@ class IntakeHandler:
             client_ip=client_ip,
             message_id=content.message_id,
             recipients=checked.recipients,
+            dlr_to=dlr_to,
         )
         return Examined(request, account, checked)
 
@@ -546,9 +553,8 @@ class IntakeHandler:
         checked = check_request(
             plain_request(unique, text, email_id), {}, rules, now, line_break=None
         )
-        not_to = None
-        if plain.reports != "none":
-            not_to = self._report_address(mail_from, account, "MAIL FROM")
+        sender = self._report_address(mail_from, account, "MAIL FROM")
+        not_to = sender if plain.reports != "none" else None
         received = now.timestamp()
         request = NewRequest(
             account=account.keyid,
@@ -565,7 +571,8 @@ class IntakeHandler:
             client_ip=client_ip,
             message_id=content.message_id,
             recipients=checked.recipients,
-            plain_reports=plain.reports if not_to is not None else None,
+            plain_reports=plain.reports,
+            dlr_to=sender if account.delivery_reports else None,
         )
         return Examined(request, account, checked, form="plain")
 
