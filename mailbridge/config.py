@@ -211,7 +211,9 @@ class HttpTlsConfig(_Model):
                 str(self.cert), str(self.key)
             )
         except (OSError, ssl.SSLError, ValueError) as err:
-            raise ValueError(f"cert/key: cannot load a matching PEM certificate and key ({err})")
+            raise ValueError(
+                f"cert/key: cannot load a matching PEM certificate and key ({err})"
+            ) from None
         return self
 
 

@@ -110,3 +110,8 @@ def build_provider(name: str, config: ProviderConfig, http: httpx.AsyncClient) -
     module = importlib.import_module(PROVIDER_MODULES[config.type])
     provider: Provider = module.build(name, config, http)
     return provider
+
+
+class CallbackError(ValueError):
+    """A provider's callback (delivery report, reply) that cannot be read: the
+    HTTP receiver answers 400 and stores nothing."""
