@@ -56,7 +56,7 @@ def summarise(raw: Path) -> str:
         where = frames[:head]
         process = next((f for f in reversed(where) if f.startswith("process ")), "")
         thread = next((f for f in where if f.startswith("thread ")), "")
-        label = "worker process" if "mailbridge.worker" in process else "intake process"
+        label = "worker process" if "mailbridge _worker" in process else "intake process"
         label += " / " + (thread.split(":", 1)[1].strip() if ":" in thread else "thread")
         threads[label] += n
         names = {f.split(" (")[0] for f in frames[head:]}

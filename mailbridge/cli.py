@@ -1,6 +1,8 @@
 """Command line: `mailbridge serve | check-config | send | status`.
 
 Sets up logging and hands over to the composition root; no business logic.
+Both processes of the daemon enter here: `serve`, and the hidden `_worker`
+that `serve` starts for its send and report stages (worker.py).
 Exit codes: 0 ok, 1 a check failed or the daemon failed, 2 bad configuration
 or usage.
 """
@@ -20,6 +22,7 @@ from email.message import EmailMessage
 from pathlib import Path
 
 from mailbridge.config import Config, ConfigError, load_config, parse_hostport
+from mailbridge.worker import WORKER_COMMAND
 
 DEFAULT_CONFIG = Path("config.yaml")
 # The cyclic GC's first generation is collected every 700 new container objects
@@ -67,6 +70,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
         asyncio.run(Daemon(config).serve())
     except (OSError, StoreUnavailable) as err:  # the port is taken, the store is locked...
         logging.getLogger("mailbridge").error("cannot start: %s", err)
+        return 1
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """The worker process (started by `serve`, never by hand): the send and report stages."""
+    from mailbridge import worker
+    from mailbridge.app import run_worker
+    from mailbridge.store import StoreUnavailable
+
+    worker.die_with_parent(args.parent)
+    config = worker.read_config()
+    setup_logging(config.log_level)
+    tune_gc()
+    worker.lower_priority(config.dispatch.process_nice)
+    try:
+        asyncio.run(run_worker(config, args.wake_fd))
+    except StoreUnavailable as err:
+        logging.getLogger("mailbridge").error("worker: store unavailable: %s", err)
         return 1
     return 0
 
@@ -212,7 +234,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mailbridge", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    # The metavar lists the public commands only: `_worker` is not for operators.
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{serve,check-config,send,status}"
+    )
 
     def add(name: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
@@ -244,6 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     status = add("status", "queue counts by state and the last errors")
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
+    # No help= : argparse then leaves it out of --help.
+    hidden = sub.add_parser(WORKER_COMMAND)
+    hidden.add_argument("parent", type=int, help="the daemon's pid")
+    hidden.add_argument("wake_fd", type=int, help="the read end of its wake pipe")
+    hidden.set_defaults(func=cmd_worker)
     return parser
 
 

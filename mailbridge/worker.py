@@ -1,12 +1,13 @@
-"""The send and report stages, and the process they run in.
+"""The worker process's plumbing: spawn, wake pipe, death signal, store lock.
 
-`run_senders` runs the dispatcher (send) and the mailer (report) over a store
-until told to stop. By default `mailbridge serve` runs them in a child process
-of their own (`dispatch.separate_process`): the SMTP intake then has its
-process, its core and its GIL to itself, so a burst is answered at intake speed
-while the SMS and reports of earlier mail go out beside it. The two processes
-share nothing but the SQLite store (WAL: readers never block the writer) and a
-pipe on which the intake says "new work" (one byte, never blocking).
+By default `mailbridge serve` runs the send and report stages in a child
+process of their own (`dispatch.separate_process`): the SMTP intake then has
+its process, its core and its GIL to itself, so a burst is answered at intake
+speed while the SMS and reports of earlier mail go out beside it. The two
+processes share nothing but the SQLite store (WAL: readers never block the
+writer) and a pipe on which the intake says "new work" (one byte, never
+blocking). What runs in the child is built by the composition root
+(`app.run_worker`); this module only starts it, talks to it and keeps it safe.
 
 Safety across crashes: the parent holds an exclusive lock on `<store>.lock`
 that the child inherits, so the lock is free only once both are gone; a new
@@ -27,69 +28,18 @@ import pickle
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-import anyio
-import httpx
-
-from mailbridge.clock import Clock, SystemClock
 from mailbridge.config import Config
-from mailbridge.dispatch import Dispatcher
-from mailbridge.mailer import Mailer, make_sink
-from mailbridge.providers import build_provider
-from mailbridge.report import ReportRenderer
-from mailbridge.store import Store, StoreUnavailable, open_store
+from mailbridge.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
-STOP_GRACE_S = 30.0  # in-flight provider calls get this long to finish on SIGTERM
 LOCK_WAIT_S = 30.0  # how long a starting daemon waits for a previous one's worker to die
 PR_SET_PDEATHSIG = 1
-
-
-async def run_senders(
-    config: Config,
-    store: Store,
-    clock: Clock,
-    work: asyncio.Event,
-    reports: asyncio.Event,
-    stopping: asyncio.Event,
-) -> None:
-    """Send and report until `stopping` is set; then finish or park in-flight work.
-
-    `work` says new requests may be due, `reports` new reports.
-    """
-    http = httpx.AsyncClient(
-        limits=httpx.Limits(
-            max_connections=config.dispatch.http_max_connections,
-            max_keepalive_connections=config.dispatch.http_max_keepalive,
-        ),
-        headers={"User-Agent": "mailbridge"},
-    )
-    # httpx's first request imports anyio's asyncio backend (a third of a second
-    # of CPU): pay it now rather than while the first SMS waits.
-    anyio.Event()
-    providers = {name: build_provider(name, pc, http) for name, pc in config.providers.items()}
-    sink = make_sink(config.reports, store.instance_id)
-    mailer = Mailer(store, sink, ReportRenderer(), config.reports, clock)
-    dispatcher = Dispatcher(
-        store,
-        providers,
-        config.providers,
-        {a.keyid: a for a in config.accounts},
-        config.dispatch,
-        clock,
-        on_done=reports.set,
-    )
-    try:
-        await asyncio.gather(
-            dispatcher.run(work, stopping, STOP_GRACE_S),
-            mailer.run(reports, stopping),
-        )
-    finally:
-        for provider in providers.values():
-            await provider.aclose()
-        await sink.aclose()
-        await http.aclose()
+# The child's command line: `python -m mailbridge _worker <parent pid> <wake fd>`,
+# a subcommand the CLI hides from --help (bench/profile.py looks for it too).
+WORKER_COMMAND = "_worker"
 
 
 # -- the store lock ------------------------------------------------------------
@@ -129,7 +79,7 @@ async def acquire_store_lock(config: Config) -> int | None:
 
 
 class WorkerProcess:
-    """The child process running `run_senders`, as its parent sees it."""
+    """The child process running the send and report stages, as its parent sees it."""
 
     def __init__(self, config: Config, lock_fd: int | None) -> None:
         self.config = config
@@ -148,7 +98,8 @@ class WorkerProcess:
                 sys.executable,
                 "-P",  # not the working directory first on sys.path: this package, as installed
                 "-m",
-                "mailbridge.worker",
+                "mailbridge",
+                WORKER_COMMAND,
                 str(os.getpid()),
                 str(wake_r),
                 stdin=asyncio.subprocess.PIPE,
@@ -171,6 +122,7 @@ class WorkerProcess:
                 os.write(self._wake_w, b"w")
 
     async def wait(self) -> int:
+        """Wait for the child to exit; return its status."""
         assert self.proc is not None
         code = await self.proc.wait()
         if self._wake_w is not None:
@@ -196,7 +148,8 @@ class WorkerProcess:
 # -- the worker process: child side --------------------------------------------
 
 
-def _die_with_parent(parent: int) -> None:
+def die_with_parent(parent: int) -> None:
+    """Ask the kernel for SIGKILL when the parent dies; exit if it already has."""
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         # Still safe: the worker stops when the wake pipe closes, and the
@@ -207,57 +160,39 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-async def _child(config: Config, wake_fd: int) -> None:
-    loop = asyncio.get_running_loop()
-    stopping = asyncio.Event()
-    work, reports = asyncio.Event(), asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
+def read_config() -> Config:
+    """The Config the parent wrote on our stdin (pickled: from the parent, never elsewhere)."""
+    config: Config = pickle.loads(sys.stdin.buffer.read())
+    return config
 
-    def on_wake() -> None:
+
+def lower_priority(nice: int) -> None:
+    """Senders waiting on the SMTP dialogue come first when the CPU is short."""
+    if nice:
+        try:
+            os.nice(nice)
+        except OSError as err:
+            log.warning("worker: cannot lower its CPU priority (nice): %s", err)
+
+
+def watch_wake_pipe(wake_fd: int, on_wake: Callable[[], None], on_gone: Callable[[], None]) -> None:
+    """Call `on_wake` for bytes on the parent's pipe, `on_gone` once it closes.
+
+    Runs in the current event loop; the pipe closing means the parent is gone
+    (PR_SET_PDEATHSIG kills us too, but it may have been refused).
+    """
+    loop = asyncio.get_running_loop()
+
+    def readable() -> None:
         try:
             data = os.read(wake_fd, 65536)
         except BlockingIOError:
             return
-        if not data:  # the parent is gone (PR_SET_PDEATHSIG kills us too)
+        if not data:
             loop.remove_reader(wake_fd)
-            stopping.set()
+            on_gone()
             return
-        work.set()
-        reports.set()
+        on_wake()
 
     os.set_blocking(wake_fd, False)
-    loop.add_reader(wake_fd, on_wake)
-    store = open_store(config.store)
-    await store.open()
-    try:
-        await run_senders(config, store, SystemClock(), work, reports, stopping)
-    finally:
-        await store.close()
-
-
-def main(argv: list[str]) -> int:
-    """Entry of the child: `python -m mailbridge.worker <parent pid> <wake fd>`,
-    the pickled Config on stdin (from the parent, never from elsewhere)."""
-    parent, wake_fd = int(argv[0]), int(argv[1])
-    _die_with_parent(parent)
-    config: Config = pickle.loads(sys.stdin.buffer.read())
-    from mailbridge.cli import setup_logging, tune_gc
-
-    setup_logging(config.log_level)
-    tune_gc()
-    if config.dispatch.process_nice:
-        try:  # senders waiting on the SMTP dialogue come first when the CPU is short
-            os.nice(config.dispatch.process_nice)
-        except OSError as err:
-            log.warning("worker: cannot lower its CPU priority (nice): %s", err)
-    try:
-        asyncio.run(_child(config, wake_fd))
-    except StoreUnavailable as err:
-        log.error("worker: store unavailable: %s", err)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    loop.add_reader(wake_fd, readable)

@@ -7,6 +7,7 @@ store lock keeps two daemons (or a dying worker) off one store.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import os
 import signal
@@ -14,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
+import mailbridge
 from mailbridge import worker
+from mailbridge.cli import build_parser, cmd_worker
 from mailbridge.store import StoreUnavailable
 from tests.support import (
     DaemonProcess,
@@ -120,3 +123,28 @@ def test_the_store_lock_keeps_a_second_daemon_out(
         os.close(again)
 
     asyncio.run(scenario())
+
+
+def test_the_worker_entry_is_a_subcommand_hidden_from_help() -> None:
+    parser = build_parser()
+    assert worker.WORKER_COMMAND not in parser.format_help()
+    args = parser.parse_args([worker.WORKER_COMMAND, "123", "7"])
+    assert (args.func, args.parent, args.wake_fd) == (cmd_worker, 123, 7)
+
+
+def test_no_module_of_the_package_imports_the_cli() -> None:
+    # The CLI is the entry of both processes; a module importing it back is a cycle.
+    package = Path(mailbridge.__file__).parent
+    offenders = []
+    for path in package.rglob("*.py"):
+        if path.name == "__main__.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [a.name for a in node.names] if isinstance(node, ast.Import)
+                else [f"{node.module}.{a.name}" for a in node.names]
+                if isinstance(node, ast.ImportFrom) and node.module else []
+            )  # fmt: skip
+            if any(n == "mailbridge.cli" or n.startswith("mailbridge.cli.") for n in names):
+                offenders.append(str(path.relative_to(package)))
+    assert offenders == []

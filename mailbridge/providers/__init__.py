@@ -10,7 +10,9 @@ classifies every answer:
 - credentials or configuration the provider rejects raise `ProviderAuthError`:
   an operator problem, so the work stays pending instead of failing recipients.
 
-Adapters never retry by themselves and never touch the store.
+HTTP adapters classify transport errors and statuses with the shared rule of
+`providers/http.py` and add only their API's own codes. Adapters never retry by
+themselves and never touch the store.
 """
 
 from __future__ import annotations

@@ -20,11 +20,14 @@ identifies recipients only by number: a batch naming one number twice costs one 
 Failures: CM answers per recipient (`messages[].status` Accepted/Rejected, `messageErrorCode`,
 `messageDetails`), classified through `codes.cm_failure`; CM returns no message id (status
 reports carry REFERENCE + GSM), so `provider_message_id` stays None. A whole-request refusal
-applies to every message of that request (400 "Insufficient balance" / 102 -> code 12);
-101/103 raise `ProviderAuthError` on the first request, later ones turn the rest of the batch
-into retry outcomes. Timeouts, transport errors, HTTP 5xx and 429 make every message of that
-request and of the requests not yet sent `retry=True` (code 29 for 429, else 999); the
-remaining requests are not attempted, so a dead gateway costs one timeout per batch.
+applies to every message of that request (400 "Insufficient balance" / 102 -> code 12).
+Transport errors and HTTP statuses follow the shared rule of providers/http.py: timeouts,
+transport errors, HTTP 5xx and 429 make every message of that request and of the requests
+not yet sent `retry=True` (code 29 for 429, else 999), and the remaining requests are not
+attempted, so a dead gateway costs one timeout per batch; HTTP 401/403/404/405 (wrong token
+or wrong `url`: CM answers 405 to anything but its POST) and CM's own errorCode 101/103 are
+a refusal: `ProviderAuthError` on the first request, later ones turn the rest of the batch
+into retry outcomes.
 CM has no idempotency field: an `in_doubt` message is simply sent again, so a duplicate SMS
 is possible when the earlier attempt did reach CM.
 """
@@ -42,18 +45,13 @@ import orjson
 
 from mailbridge.codes import CM_AUTH_ERROR_CODES, Code, cm_failure, provider_code
 from mailbridge.config import CmProviderConfig
-from mailbridge.providers import (
-    Outcome,
-    ProviderAuthError,
-    SmsMessage,
-    TemporaryProviderError,
-)
+from mailbridge.providers import Outcome, SmsMessage
+from mailbridge.providers.http import CallFailure, Failure, HttpRules
 
 MAX_MSG_PER_REQUEST = 1000
 MAX_TO_PER_MSG = 1000
 _REFERENCE_MAX = 32
 _REFERENCE_BAD = re.compile(r"[^A-Za-z0-9_]")  # CM: alphanumeric; its own examples use "_"
-_CONFIG_STATUSES = (401, 403, 404, 405)
 _HEADERS = {"Content-Type": "application/json; charset=utf-8", "Accept": "application/json"}
 
 _ENTRY_KEYS = ("to", "status", "parts", "messageDetails", "messageErrorCode")
@@ -108,12 +106,6 @@ class _Request:
     msgs: list[_Msg] = field(default_factory=list)
     open: dict[_GroupKey, _Msg] = field(default_factory=dict)  # last msg of each group
     numbers: dict[str, SmsMessage] = field(default_factory=dict)  # match key -> message
-
-
-class _Transient(Exception):
-    def __init__(self, code: int, detail: str) -> None:
-        super().__init__(detail)
-        self.code = code
 
 
 def _head(m: SmsMessage) -> dict[str, Any]:
@@ -172,37 +164,38 @@ class CmProvider:
         self.name = name
         self._config = config
         self._http = http  # shared and owned by the caller: never closed here
+        self._rules = HttpRules(name, config.timeout_s, credentials="product token")
+        self._refused = f"CM refused provider {name!r} (url {config.url})"
 
     async def send(self, batch: Sequence[SmsMessage]) -> list[Outcome]:
         """Submit the batch; one Outcome per message (see the module docstring)."""
         requests = plan(batch)
         outcomes: list[Outcome] = []
-        code: int
         for i, req in enumerate(requests):
-            try:
-                outcomes.extend(await self._submit(req))
+            result = await self._submit(req)
+            if not isinstance(result, CallFailure):
+                outcomes.extend(result)
                 continue
-            except ProviderAuthError as exc:
+            if result.kind is Failure.REFUSED:
                 if i == 0:
-                    raise  # nothing of this batch was sent: the dispatcher keeps it pending
-                code, first, rest = Code.ERROR, f"authentication rejected: {exc}", ""
-            except _Transient as exc:
-                code, first = exc.code, str(exc)
-                rest = f"not sent: an earlier request of the batch failed ({exc})"
-            outcomes.extend(Outcome(m.key, code, detail=first, retry=True) for m in _all(req))
+                    # Nothing of this batch was sent: the dispatcher keeps it pending.
+                    raise result.error(self._refused)
+                first = rest = f"authentication rejected: {result.detail}"
+            else:
+                first = result.detail
+                rest = f"not sent: an earlier request of the batch failed ({first})"
+            outcomes.extend(result.outcomes(_all(req), first))
             for later in requests[i + 1 :]:
-                outcomes.extend(
-                    Outcome(m.key, code, detail=rest or first, retry=True) for m in _all(later)
-                )
+                outcomes.extend(result.outcomes(_all(later), rest))
             break
         return outcomes
 
     async def check(self) -> str:
         """Probe with an empty `msg` list (sends nothing): reachability and token refusal."""
-        try:
-            status, data, text = await self._post([])
-        except _Transient as exc:
-            raise TemporaryProviderError(str(exc), throttled=exc.code == Code.OVERFLOW) from exc
+        result = await self._post([])
+        if isinstance(result, CallFailure):
+            raise result.error(self._refused if result.kind is Failure.REFUSED else "CM")
+        status, data, text = result
         details = data.get("details") or text[:200]
         return (
             f"CM gateway reachable, product token not refused (empty probe: HTTP {status}, "
@@ -212,7 +205,9 @@ class CmProvider:
     async def aclose(self) -> None:
         """Nothing to release: the HTTP client belongs to the caller."""
 
-    async def _post(self, msgs: list[dict[str, Any]]) -> tuple[int, dict[str, Any], str]:
+    async def _post(
+        self, msgs: list[dict[str, Any]]
+    ) -> tuple[int, dict[str, Any], str] | CallFailure:
         payload = {
             "messages": {
                 "authentication": {"producttoken": self._config.product_token},
@@ -220,36 +215,30 @@ class CmProvider:
             }
         }
         body = orjson.dumps(payload)  # compact UTF-8, as json.dumps(ensure_ascii=False) writes
-        timeout = self._config.timeout_s
-        try:
-            resp = await self._http.post(
-                self._config.url, content=body, headers=_HEADERS, timeout=timeout
+        resp = await self._rules.call(
+            self._http.post(
+                self._config.url, content=body, headers=_HEADERS, timeout=self._config.timeout_s
             )
-        except httpx.TimeoutException as exc:
-            raise _Transient(Code.ERROR, f"CM timed out after {timeout:g}s ({exc!r})") from exc
-        except httpx.HTTPError as exc:
-            raise _Transient(Code.ERROR, f"CM unreachable ({exc!r})") from exc
+        )
+        if isinstance(resp, CallFailure):
+            return resp
         text = resp.text
-        if resp.status_code == 429:
-            raise _Transient(Code.OVERFLOW, f"CM throttled the request (HTTP 429) {text[:200]}")
-        if resp.status_code >= 500:
-            raise _Transient(Code.ERROR, f"CM server error HTTP {resp.status_code} {text[:200]}")
         try:
             data = _lower(orjson.loads(resp.content))
         except orjson.JSONDecodeError:
             data = {}
         code = _int(data.get("errorcode"))
-        # 401/403/404/405: wrong token or wrong `url` (CM answers 405 to anything but its
-        # POST), an operator error like a refused token.
-        if code in CM_AUTH_ERROR_CODES or resp.status_code in _CONFIG_STATUSES:
-            raise ProviderAuthError(
-                f"CM refused provider {self.name!r} (url {self._config.url}): "
-                f"{data.get('details') or text[:200]!r} (HTTP {resp.status_code}, errorCode {code})"
-            )
+        if code in CM_AUTH_ERROR_CODES:  # CM's own words for a refused product token
+            words = data.get("details") or text[:200]
+            detail = f"product token refused: {words!r} (HTTP {resp.status_code}, errorCode {code})"
+            return CallFailure(Failure.REFUSED, detail)
         return resp.status_code, data, text
 
-    async def _submit(self, req: _Request) -> list[Outcome]:
-        status, data, text = await self._post([msg.to_json() for msg in req.msgs])
+    async def _submit(self, req: _Request) -> list[Outcome] | CallFailure:
+        result = await self._post([msg.to_json() for msg in req.msgs])
+        if isinstance(result, CallFailure):
+            return result
+        status, data, text = result
         error_code, details = _int(data.get("errorcode")), data.get("details")
         raw_entries = data.get("messages")
         entries: list[Any] = raw_entries if isinstance(raw_entries, list) else []

@@ -25,13 +25,14 @@ key: no duplicate SMS as long as SMSGW remembers the key (the seed gives no
 retention period). In a fail-fast=false batch the refused duplicate is only
 reported by a delivery report with error_code 23, which must be ignored.
 
-Failures: a connect error, timeout, 5xx or 429 of a request gives `retry=True`
-outcomes (29 for 429, else 999) for its messages, and the requests not yet made
-are not made (same retry outcomes): a sick provider costs one request, not
-five. 401/403 (credentials), 404/405/3xx (wrong url) raise `ProviderAuthError`
-when nothing of the batch was answered otherwise; after that they give
-`retry=True` 999 "authentication rejected". The adapter never sleeps or
-retries by itself.
+Failures follow the shared rule of providers/http.py: a connect error, timeout,
+5xx or 429 of a request gives `retry=True` outcomes (29 for 429, else 999) for
+its messages, and the requests not yet made are not made (same retry
+outcomes): a sick provider costs one request, not five. 401/403 (credentials),
+404/405/3xx (wrong url: SMSGW's REST API never redirects) raise
+`ProviderAuthError` when nothing of the batch was answered otherwise; after
+that they give `retry=True` 999 "authentication rejected". The adapter never
+sleeps or retries by itself.
 """
 
 from __future__ import annotations
@@ -48,7 +49,14 @@ import httpx
 
 from mailbridge.codes import Code, ProviderFailure, kcell_failure, provider_code
 from mailbridge.config import KcellProviderConfig
-from mailbridge.providers import Outcome, ProviderAuthError, SmsMessage, TemporaryProviderError
+from mailbridge.providers import Outcome, ProviderAuthError, SmsMessage
+from mailbridge.providers.http import (
+    WRONG_URL_STATUSES,
+    CallFailure,
+    Failure,
+    HttpRules,
+    status_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,41 +64,31 @@ BATCH_LIMIT = 200  # messages per POST /batches
 MAX_KEY_LENGTH = 64  # client_message_id limit (seed: "Макс. длина поля: 64 символа")
 SINGLE_CONCURRENCY = 8  # parallel POST /messages when a chunk is resubmitted one by one
 AUTH_DETAIL = "authentication rejected"
-_CONFIG_STATUSES = {404, 405}  # the url is wrong: an operator error like bad credentials
-
-
-@dataclass(frozen=True)
-class _Halt:
-    """Why a request failed as a whole, and what its messages get."""
-
-    code: int
-    detail: str  # for the outcomes
-    auth: bool = False  # credentials/configuration, not a transient failure
-    error: str = ""  # for ProviderAuthError / TemporaryProviderError; default: detail
-
-    @property
-    def message(self) -> str:
-        return self.error or self.detail
+# The REST API answers in place and never redirects: a 3xx, like 404/405, means
+# the configured url is wrong (an operator error like bad credentials).
+WRONG_URL = frozenset({*WRONG_URL_STATUSES, *range(300, 400)})
 
 
 @dataclass
 class _Run:
     """State shared by the requests of one `send` call."""
 
-    halt: _Halt | None = None  # set by the first failed request: later ones are not made
-    answered: bool = False  # some request got an answer other than an auth refusal
+    # Set by the first failed request: later ones are not made.
+    failure: CallFailure | None = None
+    answered: bool = False  # some request got an answer other than a refusal
 
-    def fail(self, halt: _Halt, messages: Sequence[SmsMessage]) -> list[Outcome]:
-        if self.halt is None:
-            self.halt = halt
-        if not halt.auth:
-            self.answered = True  # a timeout may have been accepted: never raise afterwards
-        return [Outcome(m.key, halt.code, detail=halt.detail, retry=True) for m in messages]
+    def fail(self, failure: CallFailure, messages: Sequence[SmsMessage]) -> list[Outcome]:
+        if self.failure is None:
+            self.failure = failure
+        if failure.kind is Failure.REFUSED:
+            return failure.outcomes(messages, f"{AUTH_DETAIL}: {failure.detail}")
+        self.answered = True  # a timeout may have been accepted: never raise afterwards
+        return failure.outcomes(messages)
 
     def skipped(self, messages: Sequence[SmsMessage]) -> list[Outcome]:
-        assert self.halt is not None
-        detail = f"not sent: an earlier request failed ({self.halt.detail})"
-        return [Outcome(m.key, self.halt.code, detail=detail, retry=True) for m in messages]
+        assert self.failure is not None
+        detail = f"not sent: an earlier request failed ({self.failure.detail})"
+        return self.failure.outcomes(messages, detail)
 
 
 class KcellProvider:
@@ -103,6 +101,9 @@ class KcellProvider:
         self._config = config
         self._http = http
         self._url = config.url.rstrip("/")
+        self._rules = HttpRules(
+            name, config.timeout_s, credentials="username/password", wrong_url=WRONG_URL
+        )
         token = base64.b64encode(f"{config.username}:{config.password}".encode()).decode("ascii")
         self._headers = {
             "Authorization": f"Basic {token}",
@@ -123,32 +124,27 @@ class KcellProvider:
         run = _Run()
         for start in range(0, len(ready), BATCH_LIMIT):
             chunk = ready[start : start + BATCH_LIMIT]
-            if run.halt is not None:
+            if run.failure is not None:
                 outcomes += run.skipped(chunk)
             elif len(chunk) == 1:
                 outcomes.append(await self._single(chunk[0], run))
             else:
                 outcomes += await self._batch(chunk, run)
-        if run.halt is not None and run.halt.auth and not run.answered:
-            raise ProviderAuthError(f"{self.name}: {run.halt.message}")
+        if run.failure is not None and run.failure.kind is Failure.REFUSED and not run.answered:
+            raise run.failure.error(self.name)
         return outcomes
 
     async def check(self) -> str:
         """GET /senders with our credentials; return the senders the account may use."""
-        try:
-            resp = await self._http.get(
+        resp = await self._rules.call(
+            self._http.get(
                 f"{self._url}/senders", headers=self._headers, timeout=self._config.timeout_s
             )
-        except httpx.HTTPError as exc:
-            raise TemporaryProviderError(f"{self.name}: {_transport_text(exc)}") from exc
-        halt = self._halt_for(resp)
-        if halt is not None:
-            if halt.auth:
-                raise ProviderAuthError(f"{self.name}: {halt.message}")
-            throttled = halt.code == Code.OVERFLOW
-            raise TemporaryProviderError(f"{self.name}: {halt.message}", throttled=throttled)
+        )
+        if isinstance(resp, CallFailure):
+            raise resp.error(self.name)
         if not resp.is_success:
-            raise ProviderAuthError(f"{self.name}: GET /senders answered {_status_text(resp)}")
+            raise ProviderAuthError(f"{self.name}: GET /senders answered {status_text(resp)}")
         return f"credentials accepted; senders: {_sender_names(resp)}"
 
     async def aclose(self) -> None:
@@ -156,23 +152,21 @@ class KcellProvider:
 
     # -- requests ------------------------------------------------------------
 
-    async def _post(self, path: str, payload: object) -> httpx.Response:
+    async def _post(self, path: str, payload: object) -> httpx.Response | CallFailure:
         body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         headers = {**self._headers, "Content-Type": "application/json;charset=utf-8"}
-        return await self._http.post(
-            self._url + path, content=body, headers=headers, timeout=self._config.timeout_s
+        return await self._rules.call(
+            self._http.post(
+                self._url + path, content=body, headers=headers, timeout=self._config.timeout_s
+            )
         )
 
     async def _single(self, m: SmsMessage, run: _Run) -> Outcome:
-        if run.halt is not None:
+        if run.failure is not None:
             return run.skipped([m])[0]
-        try:
-            resp = await self._post("/messages", _item(m, self._config.time_bounds))
-        except httpx.HTTPError as exc:
-            return run.fail(_Halt(Code.ERROR, _transport_text(exc)), [m])[0]
-        halt = self._halt_for(resp)
-        if halt is not None:
-            return run.fail(halt, [m])[0]
+        resp = await self._post("/messages", _item(m, self._config.time_bounds))
+        if isinstance(resp, CallFailure):
+            return run.fail(resp, [m])[0]
         run.answered = True
         if resp.is_success:
             return Outcome(m.key, Code.SENT, provider_message_id=_field(resp, "message_id"))
@@ -192,13 +186,9 @@ class KcellProvider:
             "messages": [_item(m, self._config.time_bounds) for m in chunk],
             "fail-fast": False,
         }
-        try:
-            resp = await self._post("/batches", payload)
-        except httpx.HTTPError as exc:
-            return run.fail(_Halt(Code.ERROR, _transport_text(exc)), chunk)
-        halt = self._halt_for(resp)
-        if halt is not None:
-            return run.fail(halt, chunk)
+        resp = await self._post("/batches", payload)
+        if isinstance(resp, CallFailure):
+            return run.fail(resp, chunk)
         run.answered = True
         if resp.is_success:
             detail = f"batch {_field(resp, 'batch_id') or '?'}"
@@ -209,24 +199,9 @@ class KcellProvider:
             "%s: batch of %d refused (%s); resubmitting one by one",
             self.name,
             len(chunk),
-            _status_text(resp),
+            status_text(resp),
         )
         return await self._singles(chunk, run)
-
-    def _halt_for(self, resp: httpx.Response) -> _Halt | None:
-        """A whole-request failure, or None for an answer about the messages (2xx, 4xx)."""
-        status = resp.status_code
-        if status in (401, 403):
-            error = f"username/password refused ({_status_text(resp)})"
-            return _Halt(Code.ERROR, AUTH_DETAIL, auth=True, error=error)
-        if status in _CONFIG_STATUSES or 300 <= status < 400:
-            error = f"{_status_text(resp)} at {resp.request.url}: check providers.{self.name}.url"
-            return _Halt(Code.ERROR, f"configuration rejected ({error})", auth=True, error=error)
-        if status == 429:
-            return _Halt(Code.OVERFLOW, f"throttled ({_status_text(resp)})")
-        if status >= 500 or status < 200:
-            return _Halt(Code.ERROR, f"provider error ({_status_text(resp)})")
-        return None
 
 
 def build(name: str, config: KcellProviderConfig, http: httpx.AsyncClient) -> KcellProvider:
@@ -291,13 +266,3 @@ def _sender_names(resp: httpx.Response) -> str:
             names.append(str(entry))
         return ", ".join(names) or "(none)"
     return resp.text.strip()[:200] or "(empty answer)"
-
-
-def _status_text(resp: httpx.Response) -> str:
-    return f"HTTP {resp.status_code} {resp.reason_phrase}".rstrip()
-
-
-def _transport_text(exc: httpx.HTTPError) -> str:
-    if isinstance(exc, httpx.TimeoutException):
-        return f"no answer in time ({type(exc).__name__}); the request may have been accepted"
-    return f"request failed: {type(exc).__name__}: {exc}"

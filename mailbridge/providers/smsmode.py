@@ -23,7 +23,9 @@ Greek capitals) become `?`, as sMsmode itself does with characters outside its t
 `stop` is never sent: mailbridge has already added the STOP mention. A number appears at
 most once per request (a repeat goes to a further request) so that no SMS is merged away.
 
-Failures: code 0 → accepted; 33 → 12; 35 and unknown codes → 999; 31, 50, HTTP 5xx,
+Failures: code 0 → accepted; 33 → 12; 35 and unknown codes → 999; HTTP statuses the API
+does not use (other 4xx, 3xx) → 999, not retried. Transport errors and HTTP statuses follow
+the shared rule of providers/http.py, with sMsmode's own codes on top: 31, 50, HTTP 5xx,
 timeouts, network errors and unreadable answers → `retry=True` code 999 (HTTP 429 → 29).
 After the first such failure the remaining requests of the batch are not attempted (they
 get the same retry outcome), so a dead provider costs one timeout. Code 32, HTTP 401/403
@@ -55,13 +57,16 @@ from mailbridge.codes import (
     smsmode_failure,
 )
 from mailbridge.config import SmsmodeProviderConfig
-from mailbridge.providers import Outcome, ProviderAuthError, SmsMessage, TemporaryProviderError
+from mailbridge.providers import Outcome, SmsMessage
+from mailbridge.providers.http import CallFailure, Failure, HttpRules
 
 MAX_BATCH = 500
 MAX_PER_REQUEST = 500  # our cap: the document sets none for POST
 CSV_HEADER = ("numero", "message", "emetteur", "refClient")
 
-Kind = Literal["ok", "rejected", "transient", "auth"]
+# The API answers errors in its body with HTTP 200; a 405 or a redirect is none of its
+# answers, so only 404 says the `url` is wrong (the others fail their request: 999).
+WRONG_URL_STATUSES = frozenset({404})
 Endpoint = Literal["sendSMS.do", "sendSMSBatch.do"]
 
 
@@ -73,8 +78,9 @@ class _Request:
 
 
 @dataclass(frozen=True)
-class _Verdict:
-    kind: Kind
+class _Answer:
+    """sMsmode's verdict on a whole request: accepted (code 0) or refused for good."""
+
     code: int
     detail: str
     message_id: str | None = None
@@ -119,6 +125,9 @@ class SmsmodeProvider:
         self._config = config
         self._http = http
         self._base = config.url if config.url.endswith("/") else config.url + "/"
+        self._rules = HttpRules(
+            name, config.timeout_s, credentials="access token", wrong_url=WRONG_URL_STATUSES
+        )
 
     def _plan(self, batch: Sequence[SmsMessage]) -> list[_Request]:
         """The HTTP requests `send` makes for `batch` (valid numbers only), in order."""
@@ -147,24 +156,25 @@ class SmsmodeProvider:
             else:
                 valid.append(m)
         accepted_any = False
-        stop: _Verdict | None = None  # the failure that ends the batch early
+        stop: CallFailure | None = None  # the failure that ends the batch early
         for req in self._plan(valid):
             if stop is not None:
                 detail = f"not sent, an earlier request failed: {stop.detail}"
-                for m in req.messages:
-                    outcomes[m.key] = Outcome(m.key, stop.code, detail=detail, retry=True)
+                outcomes.update((o.key, o) for o in stop.outcomes(req.messages, detail))
                 continue
             v = await self._submit(req)
-            if v.kind == "auth":
+            if isinstance(v, _Answer):
+                accepted_any = accepted_any or v.code == Code.SENT
+                for m in req.messages:
+                    outcomes[m.key] = Outcome(m.key, v.code, v.message_id, v.detail)
+                continue
+            if v.kind is Failure.REFUSED:
                 if not accepted_any:
-                    raise ProviderAuthError(f"sMsmode provider {self.name!r}: {v.detail}")
-                v = _Verdict("auth", Code.ERROR, f"authentication rejected: {v.detail}")
-            retry = v.kind in ("transient", "auth")
-            if retry:
+                    raise v.error(f"sMsmode provider {self.name!r}")
+                v = CallFailure(Failure.REFUSED, f"authentication rejected: {v.detail}")
+            if v.kind is not Failure.PERMANENT:
                 stop = v
-            accepted_any = accepted_any or v.kind == "ok"
-            for m in req.messages:
-                outcomes[m.key] = Outcome(m.key, v.code, v.message_id, v.detail, retry)
+            outcomes.update((o.key, o) for o in v.outcomes(req.messages))
         return [outcomes[m.key] for m in batch]
 
     def _request(self, req: _Request) -> httpx.Request:
@@ -209,53 +219,21 @@ class SmsmodeProvider:
             timeout=self._config.timeout_s,
         )
 
-    async def _submit(self, req: _Request) -> _Verdict:
-        try:
-            resp = await self._http.send(self._request(req))
-        except httpx.TimeoutException as exc:
-            what = f"timeout after {self._config.timeout_s:g} s ({type(exc).__name__})"
-            return _Verdict("transient", Code.ERROR, what)
-        except httpx.RequestError as exc:
-            return _Verdict("transient", Code.ERROR, f"{type(exc).__name__}: {exc}")
-        return self._classify(resp, req.endpoint)
-
-    def _classify(self, resp: httpx.Response, endpoint: str) -> _Verdict:
-        status = resp.status_code
-        text = _decode(resp.content).strip()
-        if status == 429:
-            return _Verdict("transient", Code.OVERFLOW, "HTTP 429 (throttled)")
-        if status >= 500:
-            return _Verdict("transient", Code.ERROR, f"HTTP {status}")
-        if status in (401, 403):
-            return _Verdict("auth", Code.ERROR, f"access token refused: HTTP {status}")
-        if status == 404:
-            return _Verdict("auth", Code.ERROR, f"HTTP 404 for {endpoint}: check the url")
-        if not 200 <= status < 300:
-            return _Verdict("rejected", Code.ERROR, f"HTTP {status}: {text[:200]}")
-        fields = [f.strip() for f in text.split("|")]
-        if not fields[0].isdigit():
-            return _Verdict("transient", Code.ERROR, f"unreadable answer: {text[:200]!r}")
-        code = int(fields[0])
-        detail = " | ".join(fields[:2])
-        if code == SMSMODE_ACCEPTED:
-            sms_id = fields[2] if len(fields) > 2 and fields[2] else None
-            return _Verdict("ok", Code.SENT, detail, sms_id)
-        if code in SMSMODE_AUTH_CODES:
-            return _Verdict("auth", Code.ERROR, f"access token refused: {detail}")
-        if code in SMSMODE_TRANSIENT_CODES:
-            return _Verdict("transient", Code.ERROR, detail)
-        return _Verdict("rejected", provider_code(smsmode_failure(code)), detail)
+    async def _submit(self, req: _Request) -> _Answer | CallFailure:
+        resp = await self._rules.call(self._http.send(self._request(req)))
+        return resp if isinstance(resp, CallFailure) else _classify(resp)
 
     async def check(self) -> str:
         """`credit.do`: the balance when the token is accepted; raises otherwise."""
-        try:
-            resp = await self._http.get(
+        resp = await self._rules.call(
+            self._http.get(
                 self._base + "credit.do",
                 params={"accessToken": self._config.access_token},
                 timeout=self._config.timeout_s,
             )
-        except httpx.RequestError as exc:
-            raise TemporaryProviderError(f"sMsmode unreachable: {type(exc).__name__}") from exc
+        )
+        if isinstance(resp, CallFailure):
+            raise resp.error(f"sMsmode provider {self.name!r}: credit.do")
         text = _decode(resp.content).strip()
         if resp.status_code == 200:
             try:
@@ -263,15 +241,33 @@ class SmsmodeProvider:
                 return f"credentials accepted (balance {text})"
             except ValueError:
                 pass  # an error answer `code | description`
-        v = self._classify(resp, "credit.do")
-        if v.kind == "auth":
-            raise ProviderAuthError(f"sMsmode provider {self.name!r}: {v.detail}")
-        raise TemporaryProviderError(
-            f"sMsmode credit.do answered {v.detail}", throttled=v.code == Code.OVERFLOW
-        )
+        v = _classify(resp)
+        failure = v if isinstance(v, CallFailure) else CallFailure(Failure.PERMANENT, v.detail)
+        raise failure.error(f"sMsmode provider {self.name!r}: credit.do answered")
 
     async def aclose(self) -> None:
         """Nothing to release: the HTTP client belongs to the caller."""
+
+
+def _classify(resp: httpx.Response) -> _Answer | CallFailure:
+    """sMsmode's own answer (`code | description | smsID`) once the shared rule let it by."""
+    status = resp.status_code
+    text = _decode(resp.content).strip()
+    if not 200 <= status < 300:
+        return CallFailure(Failure.PERMANENT, f"HTTP {status}: {text[:200]}")
+    fields = [f.strip() for f in text.split("|")]
+    if not fields[0].isdigit():
+        return CallFailure(Failure.TEMPORARY, f"unreadable answer: {text[:200]!r}")
+    code = int(fields[0])
+    detail = " | ".join(fields[:2])
+    if code == SMSMODE_ACCEPTED:
+        sms_id = fields[2] if len(fields) > 2 and fields[2] else None
+        return _Answer(Code.SENT, detail, sms_id)
+    if code in SMSMODE_AUTH_CODES:
+        return CallFailure(Failure.REFUSED, f"access token refused: {detail}")
+    if code in SMSMODE_TRANSIENT_CODES:
+        return CallFailure(Failure.TEMPORARY, detail)
+    return _Answer(provider_code(smsmode_failure(code)), detail)
 
 
 def build(name: str, config: SmsmodeProviderConfig, http: httpx.AsyncClient) -> SmsmodeProvider:
