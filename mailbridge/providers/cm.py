@@ -35,7 +35,7 @@ is possible when the earlier attempt did reach CM.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -45,7 +45,16 @@ import orjson
 
 from mailbridge.codes import CM_AUTH_ERROR_CODES, Code, cm_failure, provider_code
 from mailbridge.config import CmProviderConfig
-from mailbridge.providers import Outcome, SmsMessage
+from mailbridge.model import IN_PROGRESS, DeliveryEvent, InboundEvent
+from mailbridge.providers import CallbackError, Outcome, SmsMessage
+from mailbridge.providers.callbacks import (
+    dedupe_key,
+    e164,
+    lower_keys,
+    raw_query,
+    required,
+    timestamp,
+)
 from mailbridge.providers.http import CallFailure, Failure, HttpRules
 
 MAX_MSG_PER_REQUEST = 1000
@@ -288,3 +297,38 @@ def _all(req: _Request) -> list[SmsMessage]:
 def build(name: str, config: CmProviderConfig, http: httpx.AsyncClient) -> CmProvider:
     """Factory used by the provider registry."""
     return CmProvider(name, config, http)
+
+
+# -- the status-report webhook (seed 000 "Rapport d'état webhook"; SPEC section 7) -----
+
+# STATUS: 0 accepted by the operator, 1 rejected by CM or the operator, 2 delivered,
+# 3 failed (not delivered and will not be).
+CM_STATUSES = {"0": IN_PROGRESS, "1": "REJETE", "2": "DELIVRE", "3": "NON_DELIVRE"}
+
+
+def parse_callback(query: Mapping[str, str], body: bytes) -> list[InboundEvent]:
+    """A CM status report (GET query) -> its delivery event.
+
+    CM names the message by the REFERENCE we sent (the tracker, or the
+    request's own reference: `message_reference`) and the recipient's number,
+    which is what `provider_message_id` and the number of the recipient hold.
+    """
+    values = lower_keys(query)
+    status = required(values, "status")
+    if status not in CM_STATUSES:
+        raise CallbackError(f"STATUS {status!r} is not 0-3")
+    number = e164(values.get("gsm") or values.get("recipient") or required(values, "gsm"), "GSM")
+    reference = values.get("reference", "").strip() or None
+    text = values.get("standarderrortext") or values.get("statusdescription") or ""
+    created = values.get("created_s") or values.get("srcreated_s")
+    event = DeliveryEvent(
+        provider_type="cm",
+        message_id=reference,
+        number=number,
+        status=CM_STATUSES[status],
+        text=text.strip(),
+        occurred_at=timestamp(created, ("%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"), "UTC"),
+        dedupe_key=dedupe_key("cm", values.get("id"), reference, number, status, created),
+        raw=raw_query(query),
+    )
+    return [event]

@@ -41,7 +41,7 @@ import asyncio
 import base64
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,7 +49,9 @@ import httpx
 
 from mailbridge.codes import Code, ProviderFailure, kcell_failure, provider_code
 from mailbridge.config import KcellProviderConfig
-from mailbridge.providers import Outcome, ProviderAuthError, SmsMessage
+from mailbridge.model import IN_PROGRESS, DeliveryEvent, InboundEvent, ReplyEvent
+from mailbridge.providers import CallbackError, Outcome, ProviderAuthError, SmsMessage
+from mailbridge.providers.callbacks import dedupe_key, e164, lenient_json, required, timestamp
 from mailbridge.providers.http import (
     WRONG_URL_STATUSES,
     CallFailure,
@@ -266,3 +268,67 @@ def _sender_names(resp: httpx.Response) -> str:
             names.append(str(entry))
         return ", ".join(names) or "(none)"
     return resp.text.strip()[:200] or "(empty answer)"
+
+
+# -- reports (seed 003 "Получение отчетов (DR)"; SPEC section 7) ------------------------
+
+# Final statuses of a delivery report; NEW, SENT and EN_ROUTE are intermediate.
+KCELL_STATUSES = {
+    "DELIVERED": "DELIVRE", "EXPIRED": "EXPIRE", "REJECTED": "REJETE",
+    "UNDELIVERABLE": "NON_DELIVRE", "FAILED": "NON_DELIVRE", "INVALID": "NON_DELIVRE",
+    "DELETED": "NON_DELIVRE", "ACCEPTED": "NON_DELIVRE",
+}  # fmt: skip
+KCELL_TIME = ("%Y-%m-%d %H:%M:%S",)
+KCELL_ZONE = "Asia/Almaty"  # SMSGW writes local times (UTC+5)
+
+
+def parse_callback(query: Mapping[str, str], body: bytes) -> list[InboundEvent]:
+    """A Kcell report (POST JSON) -> its events: `{"delivery_report": [...]}`
+    names each message by our client_message_id (the recipient's
+    provider_message_id); `{"incoming_report": [...]}` carries replies."""
+    document = lenient_json(body)
+    if not isinstance(document, dict):
+        raise CallbackError("body is not a JSON object")
+    events: list[InboundEvent] = []
+    deliveries = document.get("delivery_report")
+    incoming = document.get("incoming_report")
+    if not isinstance(deliveries, list | None) or not isinstance(incoming, list | None):
+        raise CallbackError("delivery_report / incoming_report is not a list")
+    if deliveries is None and incoming is None:
+        raise CallbackError("neither delivery_report nor incoming_report")
+    for item in deliveries or []:
+        if not isinstance(item, dict):
+            raise CallbackError("a delivery_report entry is not an object")
+        message_id = required(item, "client_message_id")
+        status = required(item, "status").upper()
+        error = " ".join(
+            str(item[k]).strip() for k in ("error_code", "error_message") if item.get(k)
+        )
+        when = item.get("status_time") or item.get("sent_time")
+        events.append(DeliveryEvent(
+            provider_type="kcell",
+            message_id=message_id,
+            number=None,
+            status=KCELL_STATUSES.get(status, IN_PROGRESS),
+            text=error or status,
+            occurred_at=timestamp(str(when) if when else None, KCELL_TIME, KCELL_ZONE),
+            dedupe_key=dedupe_key("kcell", message_id, status, when),
+            raw=json.dumps(item, ensure_ascii=False, sort_keys=True),
+        ))  # fmt: skip
+    for item in incoming or []:
+        if not isinstance(item, dict):
+            raise CallbackError("an incoming_report entry is not an object")
+        number = e164(required(item, "sender"), "sender")
+        when = item.get("receive_time")
+        events.append(ReplyEvent(
+            provider_type="kcell",
+            message_id=None,  # a reply names no message: matched by number
+            number=number,
+            to=str(item.get("recipient") or "") or None,
+            text=str(item.get("text") or ""),
+            occurred_at=timestamp(str(when) if when else None, KCELL_TIME, KCELL_ZONE),
+            dedupe_key=dedupe_key("kcell-mo", item.get("message_id"), number, when,
+                                  item.get("text")),
+            raw=json.dumps(item, ensure_ascii=False, sort_keys=True),
+        ))  # fmt: skip
+    return events

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlencode
@@ -57,7 +57,16 @@ from mailbridge.codes import (
     smsmode_failure,
 )
 from mailbridge.config import SmsmodeProviderConfig
-from mailbridge.providers import Outcome, SmsMessage
+from mailbridge.model import IN_PROGRESS, DeliveryEvent, InboundEvent, ReplyEvent
+from mailbridge.providers import CallbackError, Outcome, SmsMessage
+from mailbridge.providers.callbacks import (
+    dedupe_key,
+    e164,
+    lower_keys,
+    raw_query,
+    required,
+    timestamp,
+)
 from mailbridge.providers.http import CallFailure, Failure, HttpRules
 
 MAX_BATCH = 500
@@ -273,3 +282,76 @@ def _classify(resp: httpx.Response) -> _Answer | CallFailure:
 def build(name: str, config: SmsmodeProviderConfig, http: httpx.AsyncClient) -> SmsmodeProvider:
     """Factory used by the provider registry."""
     return SmsmodeProvider(name, config, http)
+
+
+# -- notifications (seed 002, items 12 and 14; SPEC section 7) --------------------------
+
+# statut of a delivery notification (seed 002, item 10) -> SPEC's final status;
+# the rest (0 Envoyé, 1 En cours, 10 Programmé, 13 Délivré opérateur, 35xx
+# temporary errors, 999 Indéfini...) is intermediate.
+SMSMODE_STATUSES = {
+    **dict.fromkeys((11, 14, 16, 100, 101), "DELIVRE"),
+    **dict.fromkeys((2, 12, 15, 21, 35, 50, 3521, 3522, 3523), "NON_DELIVRE"),
+    **dict.fromkeys((22, 33, 34, 36, 38, 3524, 3999), "REJETE"),
+    37: "EXPIRE",
+}
+SMSMODE_STATUS_TEXT = {
+    0: "Envoyé", 1: "En cours", 2: "Erreur interne", 10: "Programmé", 11: "Reçu",
+    12: "Partiellement délivré", 13: "Délivré opérateur", 14: "Délivré",
+    15: "Partiellement reçu", 16: "Ecouté", 21: "Non délivrable", 22: "Rejeté",
+    33: "Non envoyé - crédit insuffisant", 34: "Erreur routage", 35: "Erreur réception",
+    36: "Erreur message", 37: "Message expiré", 38: "Message trop long", 50: "Non délivré",
+    100: "Lu", 101: "Non lu", 999: "Indéfini", 3501: "Erreur temporaire opérateur",
+    3502: "Erreur temporaire absence", 3503: "Erreur temporaire téléphone",
+    3504: "Erreur temporaire portabilité", 3521: "Erreur permanente opérateur",
+    3522: "Erreur permanente absence", 3523: "Erreur permanente téléphone",
+    3524: "Erreur permanente anti spam", 3999: "Destinataire blacklisté",
+}  # fmt: skip
+
+
+def parse_delivery_callback(query: Mapping[str, str], body: bytes) -> list[InboundEvent]:
+    """A sMsmode delivery notification (GET) -> its delivery event, named by
+    smsID (one per sendSMS request: every recipient of it shares it) and number."""
+    values = lower_keys(query)
+    sms_id = required(values, "smsid")
+    number = e164(required(values, "numero"), "numero")
+    raw_status = required(values, "statut")
+    try:
+        status = int(raw_status)
+    except ValueError:
+        raise CallbackError(f"statut {raw_status!r} is not a number") from None
+    date = values.get("date_reception")
+    event = DeliveryEvent(
+        provider_type="smsmode",
+        message_id=sms_id,
+        number=number,
+        status=SMSMODE_STATUSES.get(status, IN_PROGRESS),
+        text=SMSMODE_STATUS_TEXT.get(status, f"statut {status}"),
+        occurred_at=timestamp(date, ("%Y-%m-%d %H:%M:%S",), "Europe/Paris"),
+        dedupe_key=dedupe_key("smsmode", sms_id, number, status, date),
+        raw=raw_query(query),
+    )
+    return [event]
+
+
+def parse_reply_callback(query: Mapping[str, str], body: bytes) -> list[InboundEvent]:
+    """A sMsmode reply notification (GET) -> its reply event (the original SMS's
+    smsID names the request; emetteur is the person who replied)."""
+    values = lower_keys(query)
+    number = e164(required(values, "emetteur"), "emetteur")
+    if "message" not in values:
+        raise CallbackError("message is missing")
+    date = values.get("date_reception")
+    event = ReplyEvent(
+        provider_type="smsmode",
+        message_id=values.get("smsid", "").strip() or None,
+        number=number,
+        to=values.get("numero", "").strip() or None,
+        text=values["message"],
+        occurred_at=timestamp(date, ("%d%m%Y-%H%M%S",), "Europe/Paris"),
+        dedupe_key=dedupe_key(
+            "smsmode-mo", values.get("responseid") or None, number, values["message"], date
+        ),
+        raw=raw_query(query),
+    )
+    return [event]
