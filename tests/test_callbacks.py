@@ -138,7 +138,7 @@ KCELL_DLR = (
     .replace(b"11\n", b"11 ")
 )
 # The seed's other example: trailing commas, a status with a leading space.
-KCELL_DLR_LOOSE = """{
+KCELL_DLR_LOOSE = b"""{
   "delivery_report": [
     {
       "client_message_id" : "3",
@@ -151,7 +151,7 @@ KCELL_DLR_LOOSE = """{
       "status_time"      : "2014-12-24 16:33:05",
     },
   ]
-}""".encode()
+}"""
 KCELL_MO = """{"incoming_report": [{"message_id": 456795, "sender": "77010000000",
  "recipient": "9090", "text": "исходящее от абонента", "segment_count": 1,
  "receive_time": "2014-12-24 16:33:06", "rn_code": "02"}]}""".encode()
