@@ -277,6 +277,10 @@ class SmsmodeProviderConfig(_ProviderBase):
     type: Literal["smsmode"]
     url: str = "https://api.smsmode.com/http/1.6/"
     access_token: str = Field(min_length=1)
+    # Sent with every message (notification_url, notification_url_reponse) so that
+    # sMsmode calls our receiver back; default: derived from http.public_url.
+    notification_url: str | None = None
+    reply_notification_url: str | None = None
 
 
 class KcellProviderConfig(_ProviderBase):

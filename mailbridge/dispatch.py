@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -118,6 +119,18 @@ class Dispatcher:
             name: CircuitBreaker(pc.circuit_failures, pc.circuit_cooldown_s)
             for name, pc in provider_configs.items()
         }
+        # What the store (and /metrics' provider_up) was last told of each provider.
+        self._told_up: dict[str, bool] = {}
+
+    async def _tell_up(self, name: str, up: bool, error: str | None = None) -> None:
+        """Record a provider going down (circuit open, credentials refused) or up."""
+        if self._told_up.get(name, True) == up:
+            return
+        self._told_up[name] = up
+        try:
+            await self.store.set_provider_state(name, up, self.clock.time(), error)
+        except StoreUnavailable:
+            self._told_up.pop(name, None)  # tell it again next time
 
     # -- the loop --------------------------------------------------------
 
@@ -242,8 +255,15 @@ class Dispatcher:
         now = self.clock.time()
         final: list[RecipientResult] = []
         groups: dict[str, list[_Item]] = defaultdict(list)
+        stopped = await self._stop_listed(claims, pending)
         for rcpt in pending:
             claimed = claims[rcpt.request_id]
+            if (claimed.account, rcpt.number) in stopped:
+                # The number answered STOP to this account since the email came in.
+                final.append(
+                    RecipientResult(rcpt.request_id, rcpt.idx, Code.BLACKLISTED, detail="STOP")
+                )
+                continue
             account = self.accounts.get(claimed.account)
             route = route_for(account, rcpt.number) if account is not None else []
             if rcpt.provider_index >= len(route):
@@ -301,6 +321,19 @@ class Dispatcher:
         if errors:
             raise errors[0]
 
+    async def _stop_listed(
+        self, claims: Mapping[int, ClaimedRequest], pending: Sequence[PendingRecipient]
+    ) -> set[tuple[str, str]]:
+        """(account, number) pairs of these recipients on their account's STOP list."""
+        by_account: dict[str, set[str]] = defaultdict(set)
+        for rcpt in pending:
+            by_account[claims[rcpt.request_id].account].add(rcpt.number)
+        found: set[tuple[str, str]] = set()
+        for account, numbers in by_account.items():
+            for number in await self.store.blacklisted(account, sorted(numbers)):
+                found.add((account, number))
+        return found
+
     async def _reserve(self, chunk: Sequence[_Item]) -> tuple[list[_Item], list[RecipientResult]]:
         """Take credit for the chunk; recipients beyond their account's credit get 12."""
         ok: list[_Item] = []
@@ -328,6 +361,7 @@ class Dispatcher:
     async def _send_chunk(self, name: str, group: Sequence[_Item]) -> None:
         provider = self.providers[name]
         chunk, results = await self._reserve(group)
+        calls: list[tuple[str, float]] = []  # (provider, seconds) for the call histogram
         if chunk:
             messages = [self._message(item) for item in chunk]
             await self.store.mark_submitting(
@@ -335,9 +369,12 @@ class Dispatcher:
                 name,
                 self.clock.time() + self.config.lease_s,
             )
+            started = time.perf_counter()
             try:
                 outcomes = await self._submit(provider, messages)
             except ProviderAuthError as err:
+                calls.append((name, time.perf_counter() - started))
+                await self._tell_up(name, False, f"credentials refused: {err}"[:500])
                 log.error(
                     "requests %s: PROVIDER %s REFUSED OUR CREDENTIALS: %s -- fix the"
                     " configuration; the SMS stay queued",
@@ -361,6 +398,7 @@ class Dispatcher:
                     for i in chunk
                 ]
             else:
+                calls.append((name, time.perf_counter() - started))
                 now = self.clock.time()
                 ok = any(not o.retry for o in outcomes)
                 if self.breakers[name].record(ok, now):
@@ -368,6 +406,9 @@ class Dispatcher:
                         "provider %s failed %d calls in a row: skipped for %.0fs",
                         name, self.breakers[name].failures, self.breakers[name].cooldown_s,
                     )  # fmt: skip
+                    await self._tell_up(name, False, outcomes[0].detail[:500] if outcomes else None)
+                elif ok:
+                    await self._tell_up(name, True)
                 by_key = {o.key: o for o in outcomes}
                 jitter = random.uniform(0.8, 1.2)
                 for item, msg in zip(chunk, messages, strict=True):
@@ -375,7 +416,7 @@ class Dispatcher:
                         msg.key, Code.ERROR, detail="no answer for this message", retry=True
                     )
                     results.append(self._decide(name, item, outcome, now, jitter))
-        await self.store.record_results(results, self.clock.time())
+        await self.store.record_results(results, self.clock.time(), calls)
         log.info(
             "requests %s: %s: %d submitted, %d accepted, %d final other, %d to retry",
             _ids(i.claimed.id for i in group), name, len(chunk),

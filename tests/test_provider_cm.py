@@ -110,7 +110,8 @@ def closed_port_url() -> str:
 async def test_single_message_exact_request(cm: CmProvider, server: ProviderServer) -> None:
     outcomes = await cm.send([sms(1, text="Rendez-vous à 10h, salle B")])
 
-    assert outcomes == [Outcome("k1", 0, None, "accepted, 1 part(s)")]
+    # provider_message_id: the reference, which status reports name
+    assert outcomes == [Outcome("k1", 0, "TRK1", "accepted, 1 part(s)")]
     [req] = server.requests
     assert req.method == "POST"
     assert req.path == "/v1.0/message"

@@ -7,7 +7,9 @@ Wire format (seeds/000 and developers.cm.com): one JSON body
 `from` (left out when the message has no sender: CM then rejects it with 301, mapped to 33),
 `to: [{"number": "0033..."}]`, `body.content`, `dcs` (0 = GSM-7, 8 = UCS-2; explicit, no
 `type: auto`, so CM encodes exactly as we counted the parts), `reference` (the tracker,
-reduced to CM's 1-32 characters `[A-Za-z0-9_]`), `minimumNumberOfMessageParts: 1`,
+reduced to CM's 1-32 characters `[A-Za-z0-9_]`; without a tracker the request's own
+reference, `message_reference`, so that every status report names its request),
+`minimumNumberOfMessageParts: 1`,
 `maximumNumberOfMessageParts` (the part limit) and `allowedChannels: ["SMS"]` (never another
 channel the account may have).
 
@@ -16,10 +18,11 @@ SDKs). Messages sharing sender, text, encoding, reference and part limit share o
 500 numbers with one text is one request, 500 personal texts one request of 500 `msg`, 1001
 distinct texts two requests. A number occurs at most once per request, because CM's answer
 identifies recipients only by number: a batch naming one number twice costs one more request.
+CM returns no message id; its status reports (parse_callback) carry REFERENCE and the number,
+so an accepted message's `provider_message_id` is the reference it was sent with.
 
 Failures: CM answers per recipient (`messages[].status` Accepted/Rejected, `messageErrorCode`,
-`messageDetails`), classified through `codes.cm_failure`; CM returns no message id (status
-reports carry REFERENCE + GSM), so `provider_message_id` stays None. A whole-request refusal
+`messageDetails`), classified through `codes.cm_failure`. A whole-request refusal
 applies to every message of that request (400 "Insufficient balance" / 102 -> code 12).
 Transport errors and HTTP statuses follow the shared rule of providers/http.py: timeouts,
 transport errors, HTTP 5xx and 429 make every message of that request and of the requests
@@ -117,13 +120,19 @@ class _Request:
     numbers: dict[str, SmsMessage] = field(default_factory=dict)  # match key -> message
 
 
+def message_reference(m: SmsMessage) -> str | None:
+    """The CM reference a message is sent with: its tracker, else its request's own
+    (the SMS key without the recipient's index: `mb<instance>_<request><token>`)."""
+    return cm_reference(m.reference) or cm_reference(m.key.rpartition("-")[0] or None)
+
+
 def _head(m: SmsMessage) -> dict[str, Any]:
     head: dict[str, Any] = {}
     if m.sender is not None:
         head["from"] = m.sender
     head["body"] = {"content": m.text}
     head["dcs"] = 8 if m.encoding == "ucs2" else 0
-    reference = cm_reference(m.reference)
+    reference = message_reference(m)
     if reference is not None:
         head["reference"] = reference
     head["minimumNumberOfMessageParts"] = 1
@@ -137,7 +146,7 @@ def plan(batch: Sequence[SmsMessage]) -> list[_Request]:
     """Split a batch into the fewest requests CM allows (first fit, batch order kept)."""
     requests: list[_Request] = []
     for m in batch:
-        key: _GroupKey = (m.sender, m.text, m.encoding, cm_reference(m.reference), m.max_parts)
+        key: _GroupKey = (m.sender, m.text, m.encoding, message_reference(m), m.max_parts)
         number = _match_key(m.to)
         target: tuple[_Request, _Msg | None] | None = None
         for req in requests:
@@ -271,7 +280,9 @@ class CmProvider:
                 continue
             if str(entry.get("status", "")).lower() == "accepted":
                 parts = entry.get("parts")
-                results[m.key] = Outcome(m.key, Code.SENT, detail=f"accepted, {parts} part(s)")
+                results[m.key] = Outcome(
+                    m.key, Code.SENT, message_reference(m), f"accepted, {parts} part(s)"
+                )
             else:
                 err = entry.get("messageErrorCode")
                 words = entry.get("messageDetails") or entry.get("status") or "rejected"
@@ -282,7 +293,9 @@ class CmProvider:
                 continue
             if error_code == 0 and status < 300:
                 # errorCode 0 means every msg of the request is Ok.
-                results[m.key] = Outcome(m.key, Code.SENT, detail="accepted (no per-number line)")
+                results[m.key] = Outcome(
+                    m.key, Code.SENT, message_reference(m), "accepted (no per-number line)"
+                )
             else:
                 # Unknown fate: not retried, so that a recipient never gets the SMS twice.
                 detail = f"no result for this number in CM's answer: {details!r}"

@@ -171,7 +171,8 @@ class KcellProvider:
             return run.fail(resp, [m])[0]
         run.answered = True
         if resp.is_success:
-            return Outcome(m.key, Code.SENT, provider_message_id=_field(resp, "message_id"))
+            # Reports name the message by our client_message_id (parse_callback).
+            return Outcome(m.key, Code.SENT, provider_message_id=m.key)
         return _rejection(m, resp)
 
     async def _singles(self, chunk: Sequence[SmsMessage], run: _Run) -> list[Outcome]:
@@ -194,7 +195,7 @@ class KcellProvider:
         run.answered = True
         if resp.is_success:
             detail = f"batch {_field(resp, 'batch_id') or '?'}"
-            return [Outcome(m.key, Code.SENT, detail=detail) for m in chunk]
+            return [Outcome(m.key, Code.SENT, m.key, detail) for m in chunk]
         # Nothing of a refused batch is stored; one request per message tells
         # which one was refused, and a duplicate key still reads as accepted.
         log.warning(
@@ -231,7 +232,7 @@ def _rejection(m: SmsMessage, resp: httpx.Response) -> Outcome:
     text = str(message) if message else resp.text.strip()[:200]
     kind = kcell_failure(error_code, text)
     if kind is ProviderFailure.ACCEPTED:  # the key was accepted by an earlier attempt
-        return Outcome(m.key, Code.SENT, detail=f"accepted earlier ({text})")
+        return Outcome(m.key, Code.SENT, m.key, f"accepted earlier ({text})")
     code = provider_code(kind)
     detail = f"HTTP {resp.status_code}: {text}"
     return Outcome(m.key, code, detail=detail, retry=kind is ProviderFailure.THROTTLED)

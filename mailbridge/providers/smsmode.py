@@ -199,7 +199,11 @@ class SmsmodeProvider:
             return self._http.build_request(
                 "POST",
                 self._base + req.endpoint,
-                params={"accessToken": self._config.access_token, "nbr_msg": nbr_msg},
+                params={
+                    "accessToken": self._config.access_token,
+                    "nbr_msg": nbr_msg,
+                    **self._notification_params(),
+                },  # fmt: skip
                 files={"fichier": ("mailbridge.csv", data, "text/csv")},
                 timeout=self._config.timeout_s,
             )
@@ -214,6 +218,7 @@ class SmsmodeProvider:
         if first.reference is not None:
             fields.append(("refClient", first.reference))
         fields.append(("nbr_msg", nbr_msg))
+        fields.extend(self._notification_params().items())
         charset = "ISO-8859-15"
         if first.encoding == "ucs2":
             fields.append(("classe_msg", "9"))
@@ -227,6 +232,16 @@ class SmsmodeProvider:
             headers=headers,
             timeout=self._config.timeout_s,
         )
+
+    def _notification_params(self) -> dict[str, str]:
+        """Where sMsmode calls back for this message's delivery report and replies
+        (seed 002 item 12): our receiver, when `http.public_url` is configured."""
+        params = {}
+        if self._config.notification_url:
+            params["notification_url"] = self._config.notification_url
+        if self._config.reply_notification_url:
+            params["notification_url_reponse"] = self._config.reply_notification_url
+        return params
 
     async def _submit(self, req: _Request) -> _Answer | CallFailure:
         resp = await self._rules.call(self._http.send(self._request(req)))

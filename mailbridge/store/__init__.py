@@ -90,8 +90,14 @@ class Store(Protocol):
         """Take `parts` from the account's credit if that many remain."""
         ...
 
-    async def record_results(self, results: Sequence[RecipientResult], now: float) -> None:
-        """Record codes (or the next retry) for recipients; refund unused credit."""
+    async def record_results(
+        self,
+        results: Sequence[RecipientResult],
+        now: float,
+        calls: Sequence[tuple[str, float]] = (),
+    ) -> None:
+        """Record codes (or the next retry) for recipients; refund unused credit;
+        count the provider calls that gave them ((provider, seconds), /metrics)."""
         ...
 
     async def release_requests(

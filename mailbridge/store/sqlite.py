@@ -596,8 +596,18 @@ class SqliteStore:
             ((parts, request_id) for request_id, parts in refunds.items()),
         )
 
-    async def record_results(self, results: Sequence[RecipientResult], now: float) -> None:
-        await self._write(lambda db: self._record(db, results, now))
+    async def record_results(
+        self,
+        results: Sequence[RecipientResult],
+        now: float,
+        calls: Sequence[tuple[str, float]] = (),
+    ) -> None:
+        def record(db: sqlite3.Connection) -> None:
+            self._record(db, results, now)
+            if calls:
+                fb.observe_calls(db, calls)
+
+        await self._write(record)
 
     async def release_requests(
         self,

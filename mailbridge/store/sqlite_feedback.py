@@ -21,6 +21,7 @@ from mailbridge.feedback import (
     is_final,
     is_stop,
 )
+from mailbridge.metrics import HISTOGRAM, call_buckets
 from mailbridge.model import FINAL_STATUSES, DeliveryEvent, InboundEvent
 
 FEEDBACK_SCHEMA = [
@@ -94,6 +95,18 @@ def bump(db: sqlite3.Connection, counts: dict[tuple[str, tuple[str, ...]], float
         " ON CONFLICT (name, labels) DO UPDATE SET value = value + excluded.value",
         ((name, LABEL_SEP.join(labels), n) for (name, labels), n in counts.items() if n),
     )
+
+
+def observe_calls(db: sqlite3.Connection, calls: Sequence[tuple[str, float]]) -> None:
+    """Provider call durations into the histogram's counters (/metrics)."""
+    counts: dict[tuple[str, tuple[str, ...]], float] = {}
+    for provider, seconds in calls:
+        for bound in call_buckets(seconds):
+            bucket = (HISTOGRAM + "_bucket", (provider, bound))
+            counts[bucket] = counts.get(bucket, 0) + 1
+        total = (HISTOGRAM + "_sum", (provider,))
+        counts[total] = counts.get(total, 0) + seconds
+    bump(db, counts)
 
 
 def counters(db: sqlite3.Connection) -> list[tuple[str, tuple[str, ...], float]]:
