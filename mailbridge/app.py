@@ -29,8 +29,9 @@ import anyio
 import httpx
 
 from mailbridge.clock import Clock, SystemClock, nap
-from mailbridge.config import Config, parse_hostport
+from mailbridge.config import Config, ProviderConfig, SmsmodeProviderConfig, parse_hostport
 from mailbridge.dispatch import Dispatcher
+from mailbridge.feedback import FeedbackRules, FeedbackStage
 from mailbridge.mailer import Mailer, ReportSink, make_sink
 from mailbridge.providers import Provider, build_provider
 from mailbridge.report import ReportRenderer
@@ -44,9 +45,14 @@ from mailbridge.worker import WorkerProcess, acquire_store_lock, watch_wake_pipe
 if TYPE_CHECKING:
     from mailbridge.checks import AccountRules
     from mailbridge.intake import IntakeHandler
+    from mailbridge.webhook import Health, Receiver
 
 log = logging.getLogger(__name__)
 STOP_GRACE_S = 30.0  # in-flight provider calls get this long to finish on SIGTERM
+HEARTBEAT_S = 5.0  # the send side writes its heartbeat into the store this often
+# A send side whose heartbeat is this old is hung (its loop blocked): /healthz
+# answers 503 and systemd's watchdog is no longer fed, so systemd restarts us.
+HEARTBEAT_STALE_S = 30.0
 
 
 # -- the send side (both processes) ---------------------------------------------
@@ -61,18 +67,38 @@ class SendSide:
     sink: ReportSink
     dispatcher: Dispatcher
     mailer: Mailer
+    feedback: FeedbackStage
+    store: Store
+    clock: Clock
 
     async def run(
-        self, work: asyncio.Event, reports: asyncio.Event, stopping: asyncio.Event
+        self,
+        work: asyncio.Event,
+        reports: asyncio.Event,
+        events: asyncio.Event,
+        stopping: asyncio.Event,
     ) -> None:
-        """Send and report until `stopping` is set; then finish or park in-flight work.
+        """Send, match callbacks and report until `stopping` is set; then finish
+        or park in-flight work.
 
-        `work` says new requests may be due, `reports` new reports.
+        `work` says new requests may be due, `reports` new reports, `events`
+        new delivery reports or replies.
         """
         await asyncio.gather(
             self.dispatcher.run(work, stopping, STOP_GRACE_S),
             self.mailer.run(reports, stopping),
+            self.feedback.run(events, stopping, reports),
+            self._heartbeat(stopping),
         )
+
+    async def _heartbeat(self, stopping: asyncio.Event) -> None:
+        """Say "alive" in the store: /healthz and the systemd watchdog read it."""
+        while not stopping.is_set():
+            try:
+                await self.store.heartbeat("worker", self.clock.time(), os.getpid())
+            except StoreUnavailable as err:
+                log.error("heartbeat: store unavailable: %s", err)
+            await nap(stopping, stopping, HEARTBEAT_S)
 
     async def aclose(self) -> None:
         """Close the providers, the report sink and the shared HTTP client."""
@@ -96,9 +122,11 @@ def build_send_side(
     # httpx's first request imports anyio's asyncio backend (a third of a second
     # of CPU): pay it now rather than while the first SMS waits.
     anyio.Event()
-    providers = {name: build_provider(name, pc, http) for name, pc in config.providers.items()}
+    configs = provider_configs(config)
+    providers = {name: build_provider(name, pc, http) for name, pc in configs.items()}
     sink = make_sink(config.reports, store.instance_id)
     mailer = Mailer(store, sink, ReportRenderer(), config.reports, clock)
+    feedback = FeedbackStage(store, feedback_rules(config), clock)
     dispatcher = Dispatcher(
         store,
         providers,
@@ -108,7 +136,38 @@ def build_send_side(
         clock,
         on_done=on_done,
     )
-    return SendSide(http, providers, sink, dispatcher, mailer)
+    return SendSide(http, providers, sink, dispatcher, mailer, feedback, store, clock)
+
+
+def provider_configs(config: Config) -> dict[str, ProviderConfig]:
+    """The providers' settings, with the callback URLs of our receiver filled in
+    where an API takes them per message (sMsmode) and `http.public_url` is set."""
+    http = config.http
+    out: dict[str, ProviderConfig] = {}
+    for name, pc in config.providers.items():
+        if isinstance(pc, SmsmodeProviderConfig) and http is not None and http.public_url:
+            base = f"{http.public_url}/hooks/{http.token}/smsmode"
+            pc = pc.model_copy(
+                update={
+                    "notification_url": pc.notification_url or base + "/dlr",
+                    "reply_notification_url": pc.reply_notification_url or base + "/mo",
+                }
+            )
+        out[name] = pc
+    return out
+
+
+def feedback_rules(config: Config) -> FeedbackRules:
+    """What the delivery-report and reply rules need from the configuration."""
+    by_type: dict[str, list[str]] = {}
+    for name, pc in config.providers.items():
+        by_type.setdefault(pc.type, []).append(name)
+    return FeedbackRules(
+        providers_by_type={t: tuple(names) for t, names in by_type.items()},
+        reply_to={a.keyid: a.reply_to for a in config.accounts},
+        delivery_report_delay_s=config.reports.delivery_report_delay,
+        delivery_report_max_age_s=config.reports.delivery_report_max_age,
+    )
 
 
 async def run_senders(
@@ -117,12 +176,13 @@ async def run_senders(
     clock: Clock,
     work: asyncio.Event,
     reports: asyncio.Event,
+    events: asyncio.Event,
     stopping: asyncio.Event,
 ) -> None:
     """Build the send side, run it until `stopping`, close it."""
     side = build_send_side(config, store, clock, on_done=reports.set)
     try:
-        await side.run(work, reports, stopping)
+        await side.run(work, reports, events, stopping)
     finally:
         await side.aclose()
 
@@ -135,19 +195,20 @@ async def run_worker(config: Config, wake_fd: int) -> None:
     """
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
-    work, reports = asyncio.Event(), asyncio.Event()
+    work, reports, events = asyncio.Event(), asyncio.Event(), asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
 
     def wake() -> None:
         work.set()
         reports.set()
+        events.set()
 
     watch_wake_pipe(wake_fd, wake, stopping.set)
     store = open_store(config.store)
     await store.open()
     try:
-        await run_senders(config, store, SystemClock(), work, reports, stopping)
+        await run_senders(config, store, SystemClock(), work, reports, events, stopping)
     finally:
         await store.close()
 
@@ -197,16 +258,21 @@ class Daemon:
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
     _work: asyncio.Event = field(default_factory=asyncio.Event)
     _reports: asyncio.Event = field(default_factory=asyncio.Event)
+    _events: asyncio.Event = field(default_factory=asyncio.Event)
     _worker: WorkerProcess | None = None
     _lock_fd: int | None = None
+    _handler: IntakeHandler | None = None
+    receiver: Receiver | None = None
+    http_address: tuple[str, int] | None = None
 
     def wake(self) -> None:
-        """New work may be due: the dispatcher and the mailer look now."""
+        """New work may be due: the dispatcher, the mailer and the feedback stage look now."""
         if self._worker is not None:
             self._worker.wake()
         else:
             self._work.set()
             self._reports.set()
+            self._events.set()
 
     async def start(self) -> None:
         from mailbridge.intake import IntakeHandler
@@ -228,7 +294,16 @@ class Daemon:
             self.wake,
             limits=IntakeLimits.from_config(config, self.clock),
         )
+        self._handler = handler
         await self._listen(handler)
+        if config.http is not None:
+            from mailbridge.webhook import Receiver
+
+            self.receiver = Receiver(
+                config.http, store, self.clock,
+                on_events=self.wake, health=self.health, metrics=self.metrics,
+            )  # fmt: skip
+            self.http_address = await self.receiver.start()
         if config.dispatch.separate_process:
             self._worker = WorkerProcess(config, self._lock_fd)
             await self._worker.start()
@@ -237,13 +312,21 @@ class Daemon:
             self._tasks = [
                 asyncio.create_task(
                     run_senders(
-                        config, store, self.clock, self._work, self._reports, self._stopping
-                    )
+                        config,
+                        store,
+                        self.clock,
+                        self._work,
+                        self._reports,
+                        self._events,
+                        self._stopping,
+                    )  # fmt: skip
                 )
             ]
         if (interval := watchdog_interval()) is not None:
             self._tasks.append(asyncio.create_task(self._watchdog(interval)))
         listening = ", ".join(f"{h}:{p}" for h, p in self.addresses)
+        if self.http_address is not None:
+            listening += "; http {}:{}".format(*self.http_address)
         log.info("mailbridge ready: SMTP on %s", listening)
         notify(f"READY=1\nSTATUS=listening on smtp {listening}")
 
@@ -308,10 +391,52 @@ class Daemon:
             self.addresses.append((str(address[0]), int(address[1])))
 
     async def _watchdog(self, interval: float) -> None:
+        # Fed only while healthy: a hung send side (its heartbeat stale) or a
+        # store that does not answer make systemd restart the service.
         while not self._stopping.is_set():
-            notify("WATCHDOG=1")
+            health = await self.health()
+            if health.ok:
+                notify("WATCHDOG=1")
+            else:
+                log.error("watchdog not fed: %s", health.checks)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), interval)
+
+    async def health(self) -> Health:
+        """The store answers, SMTP listens, the send side is alive (its heartbeat)."""
+        from mailbridge.webhook import Health
+
+        checks: dict[str, str | None] = {}
+        heartbeats: dict[str, float] = {}
+        try:
+            assert self.store is not None
+            heartbeats = await asyncio.wait_for(self.store.heartbeats(), 5.0)
+            checks["store"] = None
+        except (StoreUnavailable, TimeoutError, AssertionError) as err:
+            checks["store"] = f"not answering ({err or type(err).__name__})"
+        serving = bool(self._servers) and all(s.is_serving() for s in self._servers)
+        checks["smtp"] = None if serving else "not listening"
+        beat = heartbeats.get("worker")
+        if self._worker is not None and not self._worker.alive:
+            checks["sending"] = "worker process not running"
+        elif checks["store"] is not None:
+            checks["sending"] = "unknown (store not answering)"
+        elif beat is None:
+            checks["sending"] = "no heartbeat yet"
+        elif (age := self.clock.time() - beat) > HEARTBEAT_STALE_S:
+            checks["sending"] = f"heartbeat {age:.0f}s old"
+        else:
+            checks["sending"] = None
+        return Health(checks)
+
+    async def metrics(self) -> bytes:
+        """/metrics: the store's counters and gauges, and the intake's refusals."""
+        from mailbridge.metrics import render_metrics
+
+        assert self.store is not None
+        snapshot = await self.store.metrics(self.clock.time())
+        refused = self._handler.refused if self._handler is not None else 0
+        return render_metrics(snapshot, refused=refused, providers=self.config.providers)
 
     async def stop(self) -> None:
         """Stop accepting, finish or park in-flight work, close everything."""
@@ -319,6 +444,8 @@ class Daemon:
         log.info("stopping: no new mail accepted")
         for server in self._servers:
             server.close()
+        if self.receiver is not None:
+            await self.receiver.stop()
         self._stopping.set()
         if self._worker is not None:
             await self._worker.stop(STOP_GRACE_S + 15)

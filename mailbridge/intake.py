@@ -272,6 +272,7 @@ class IntakeHandler:
         self.limits = limits or IntakeLimits.from_config(config, clock)
         # One "over the limit" log line per client and window, not one per refusal.
         self._log_gate = RateLimiter(1, config.smtp.rate_window_s, clock)
+        self.refused = 0  # emails refused in the dialogue (/metrics: emails_total{refused})
         self.recipients = frozenset(config.smtp.recipients)
         self.number_domains = frozenset(config.smtp.number_domains)
         # Sender address or domain -> the accounts that allow it (MAIL looks here),
@@ -319,11 +320,13 @@ class IntakeHandler:
             return REPLY_IP_RATE.format(ip)
         if address in ("<>", ""):
             # Bounces and automatic reports: never a request, never answered.
+            self.refused += 1
             log.info("refused null sender from %s", session.peer)
             return REPLY_NULL_SENDER
         low = address.lower()
         accounts = self._senders.get(low, []) + self._senders.get(low.rpartition("@")[2], [])
         if not accounts:
+            self.refused += 1
             log.info("refused MAIL FROM <%s> from %s: no account allows it", address, session.peer)
             return REPLY_SENDER_UNKNOWN.format(address)
         authed = session_account(session)
@@ -412,6 +415,7 @@ class IntakeHandler:
                     examine, raw, mail_from, peer, client_ip, authed, numbers
                 )
         except Refused as refusal:
+            self.refused += 1
             log.info("refused mail from <%s> at %s: %s", mail_from, client_ip, refusal.reply)
             return refusal.reply
         if examined is None:

@@ -115,6 +115,11 @@ class WorkerProcess:
         self.proc.stdin.close()
         log.info("worker process %d started (send and report stages)", self.proc.pid)
 
+    @property
+    def alive(self) -> bool:
+        """Whether the child runs (it may still hang: the heartbeat tells that)."""
+        return self.proc is not None and self.proc.returncode is None
+
     def wake(self) -> None:
         """New work: one byte on the pipe. A full pipe already says so."""
         if self._wake_w is not None:

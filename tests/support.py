@@ -182,6 +182,7 @@ class DaemonProcess:
         self.log_path = tmp / "daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
+        self.http_port = 0  # when the config has an http: block
 
     @property
     def outbox(self) -> Path:
@@ -215,8 +216,11 @@ class DaemonProcess:
                     break
         finally:
             sock.close()
+        # "STATUS=listening on smtp 127.0.0.1:P[, …][; http 127.0.0.1:Q]"
         status = [ln for ln in data.splitlines() if ln.startswith("STATUS=")][0]
-        self.port = int(status.rsplit(":", 1)[1].split(",")[0])
+        smtp, _, http = status.partition("; http ")
+        self.port = int(smtp.split(",")[0].rsplit(":", 1)[1])
+        self.http_port = int(http.rsplit(":", 1)[1]) if http else 0
         return self
 
     def log(self) -> str:

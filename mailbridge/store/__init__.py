@@ -168,6 +168,10 @@ class Store(Protocol):
 
     async def heartbeat(self, process: str, now: float, pid: int) -> None: ...
 
+    async def heartbeats(self) -> dict[str, float]:
+        """process -> the time of its last heartbeat."""
+        ...
+
     async def set_provider_state(
         self, name: str, up: bool, now: float, error: str | None = None
     ) -> None: ...

@@ -761,6 +761,9 @@ class SqliteStore:
     async def heartbeat(self, process: str, now: float, pid: int) -> None:
         await self._write(lambda db: fb.beat(db, process, now, pid))
 
+    async def heartbeats(self) -> dict[str, float]:
+        return await self._read(fb.heartbeats)
+
     async def set_provider_state(
         self, name: str, up: bool, now: float, error: str | None = None
     ) -> None:

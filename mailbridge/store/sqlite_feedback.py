@@ -53,6 +53,8 @@ FEEDBACK_SCHEMA = [
     "CREATE INDEX recipients_pmid ON recipients (provider_message_id)"
     " WHERE provider_message_id IS NOT NULL",
     "CREATE INDEX recipients_number ON recipients (number, request_id) WHERE code = 0",
+    # The queue gauge counts pending recipients without reading the finished ones.
+    "CREATE INDEX recipients_pending ON recipients (due_at) WHERE code IS NULL",
     "ALTER TABLE requests ADD COLUMN dlr_to TEXT",  # where etatDlr mails go
     "ALTER TABLE requests ADD COLUMN dlr_state TEXT",  # waiting | complete
     "ALTER TABLE requests ADD COLUMN dlr_due_at REAL",
@@ -399,6 +401,10 @@ def beat(db: sqlite3.Connection, process: str, now: float, pid: int) -> None:
     )
 
 
+def heartbeats(db: sqlite3.Connection) -> dict[str, float]:
+    return {str(p): float(at) for p, at in db.execute("SELECT process, at FROM heartbeats")}
+
+
 def set_provider_state(
     db: sqlite3.Connection, name: str, up: bool, now: float, error: str | None
 ) -> None:
@@ -423,7 +429,7 @@ def gauges(db: sqlite3.Connection, now: float) -> dict[str, Any]:
     )
     reports = dict(db.execute("SELECT state, count(*) FROM reports GROUP BY state").fetchall())
     providers = {str(n): bool(up) for n, up in db.execute("SELECT name, up FROM provider_state")}
-    beats = {str(p): float(at) for p, at in db.execute("SELECT process, at FROM heartbeats")}
+    beats = heartbeats(db)
     waiting = db.execute("SELECT count(*) FROM events WHERE state = 'waiting'").fetchone()[0]
     return {
         "queue": queue,
