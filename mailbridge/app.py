@@ -49,10 +49,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 STOP_GRACE_S = 30.0  # in-flight provider calls get this long to finish on SIGTERM
-HEARTBEAT_S = 5.0  # the send side writes its heartbeat into the store this often
-# A send side whose heartbeat is this old is hung (its loop blocked): /healthz
-# answers 503 and systemd's watchdog is no longer fed, so systemd restarts us.
-HEARTBEAT_STALE_S = 30.0
 
 
 # -- the send side (both processes) ---------------------------------------------
@@ -70,6 +66,7 @@ class SendSide:
     feedback: FeedbackStage
     store: Store
     clock: Clock
+    heartbeat_s: float
 
     async def run(
         self,
@@ -98,7 +95,7 @@ class SendSide:
                 await self.store.heartbeat("worker", self.clock.time(), os.getpid())
             except StoreUnavailable as err:
                 log.error("heartbeat: store unavailable: %s", err)
-            await nap(stopping, stopping, HEARTBEAT_S)
+            await nap(stopping, stopping, self.heartbeat_s)
 
     async def aclose(self) -> None:
         """Close the providers, the report sink and the shared HTTP client."""
@@ -136,7 +133,10 @@ def build_send_side(
         clock,
         on_done=on_done,
     )
-    return SendSide(http, providers, sink, dispatcher, mailer, feedback, store, clock)
+    return SendSide(
+        http, providers, sink, dispatcher, mailer, feedback, store, clock,
+        config.dispatch.heartbeat_s,
+    )  # fmt: skip
 
 
 def provider_configs(config: Config) -> dict[str, ProviderConfig]:
@@ -423,7 +423,7 @@ class Daemon:
             checks["sending"] = "unknown (store not answering)"
         elif beat is None:
             checks["sending"] = "no heartbeat yet"
-        elif (age := self.clock.time() - beat) > HEARTBEAT_STALE_S:
+        elif (age := self.clock.time() - beat) > self.config.dispatch.heartbeat_stale_s:
             checks["sending"] = f"heartbeat {age:.0f}s old"
         else:
             checks["sending"] = None

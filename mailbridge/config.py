@@ -506,6 +506,11 @@ class DispatchConfig(_Model):
     # Sending and reporting run in a child process of their own, so that the SMTP
     # intake keeps a core (and the GIL) to itself. false: one process (simpler
     # to debug, slower under load).
+    # The send side writes a heartbeat into the store every heartbeat_s; one older
+    # than heartbeat_stale_s means it hangs: /healthz answers 503 and the systemd
+    # watchdog is no longer fed.
+    heartbeat_s: float = Field(5.0, gt=0)
+    heartbeat_stale_s: float = Field(30.0, gt=0)
     separate_process: bool = True
     # Niceness of that process: when the CPU is short, the SMTP dialogue (a
     # client waiting) goes first and sending catches up after the burst.
