@@ -316,6 +316,10 @@ class SqliteStore:
         )
         db.execute("PRAGMA journal_mode = WAL")
         db.execute(f"PRAGMA synchronous = {self.synchronous}")
+        self._db = db
+        db.executescript(SCHEMA)
+        self._migrate(db)
+        # After the schema: the cap stops growth, not the tables it needs.
         if self.max_size_mb is not None:
             page_size = int(db.execute("PRAGMA page_size").fetchone()[0])
             wanted = max(1, int(self.max_size_mb * 1024 * 1024) // page_size)
@@ -326,9 +330,6 @@ class SqliteStore:
                     "store: %s is already %.1f MB, over store.max_size_mb %.1f: it will not grow",
                     self.path, pages * page_size / 2**20, self.max_size_mb,
                 )  # fmt: skip
-        self._db = db
-        db.executescript(SCHEMA)
-        self._migrate(db)
 
     def _migrate(self, db: sqlite3.Connection) -> None:
         """Bring the file to SCHEMA_VERSION (a new one from 1); refuse a newer one.
