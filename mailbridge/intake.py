@@ -212,7 +212,12 @@ class IntakeSMTP(SMTP):
         # intake's CPU, measured); plain addresses skip both.
         match = _PLAIN_ANGLE_ADDR.fullmatch(arg)
         if match is None:
-            return super()._getaddr(arg)
+            try:
+                return super()._getaddr(arg)
+            except Exception:
+                # The stdlib's header parser raises on some hostile input
+                # (`<.@[0@0>`: AttributeError): a syntax error (501), not a traceback.
+                return None, None
         addr, rest = match.group(1), match.group(2)
         if self.local_part_limit and len(addr.rpartition("@")[0]) > self.local_part_limit:
             return None, None

@@ -17,6 +17,8 @@ for tool in curl msmtp mutt; do
   command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
 [ -x /usr/sbin/postfix ] || command -v postfix >/dev/null 2>&1 || missing+=(postfix)
+# promtool (Debian's prometheus package) checks docs/alerts.yml (tests/test_docs.py).
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 if [ ${#missing[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   echo "postfix postfix/main_mailer_type select No configuration" | $SUDO debconf-set-selections
