@@ -60,6 +60,7 @@ class Proc:
             args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True
         )
         self.port = 0
+        self.http_port = 0
 
     def read_port(self) -> Proc:
         assert self.p.stdout is not None
@@ -149,8 +150,16 @@ def wait_port(port: int, timeout: float = 30) -> None:
     raise RuntimeError(f"nothing listens on {port}")
 
 
-def start_daemon(tmp: Path, provider_port: int, sink_port: int, synchronous: str) -> Proc:
-    config = {
+def start_daemon(
+    tmp: Path,
+    provider_port: int,
+    sink_port: int,
+    synchronous: str,
+    http: dict[str, Any] | None = None,
+) -> Proc:
+    """The daemon on the benchmark's peers; with `http`, its receiver too
+    (`proc.http_port`)."""
+    config: dict[str, Any] = {
         "smtp": {"listen": "127.0.0.1:0", "recipients": [INTAKE], "max_message_bytes": 20_000_000},
         "store": {"sqlite": str(tmp / "mailbridge.db"), "synchronous": synchronous},
         "reports": {
@@ -177,6 +186,8 @@ def start_daemon(tmp: Path, provider_port: int, sink_port: int, synchronous: str
         ],
         "log_level": "WARNING",
     }
+    if http is not None:
+        config["http"] = http
     tmp.mkdir(parents=True, exist_ok=True)
     path = tmp / "config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -191,8 +202,11 @@ def start_daemon(tmp: Path, provider_port: int, sink_port: int, synchronous: str
             pass
     finally:
         sock.close()
+    # "STATUS=listening on smtp 127.0.0.1:P[; http 127.0.0.1:Q]"
     status = [ln for ln in data.splitlines() if ln.startswith("STATUS=")][0]
-    proc.port = int(status.rsplit(":", 1)[1])
+    smtp, _, web = status.partition("; http ")
+    proc.port = int(smtp.rsplit(":", 1)[1])
+    proc.http_port = int(web.rsplit(":", 1)[1]) if web else 0
     return proc
 
 

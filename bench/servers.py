@@ -3,6 +3,8 @@
   python bench/servers.py bare      a bare aiosmtpd server whose handler only answers 250
   python bench/servers.py sink      an SMTP sink that logs "<time> <Subject>" per mail to --log
   python bench/servers.py provider  a CM-compatible HTTP gateway that accepts everything at once
+  python bench/servers.py hooks     a bare aiohttp server answering 200 "OK" to any GET (the
+                                    limit for mailbridge's callback receiver)
 
 Each prints "PORT <n>" on its first line of stdout once listening. The
 provider answers GET /stats with {"requests", "messages", "first", "last"}.
@@ -116,15 +118,35 @@ async def provider_server() -> None:
     await asyncio.Event().wait()
 
 
+async def hooks_server() -> None:
+    from aiohttp import web
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="OK")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", ok)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    server = site._server
+    assert server is not None and isinstance(server, asyncio.base_events.Server)
+    print(f"PORT {server.sockets[0].getsockname()[1]}", flush=True)
+    await asyncio.Event().wait()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("kind", choices=["bare", "sink", "provider"])
+    parser.add_argument("kind", choices=["bare", "sink", "provider", "hooks"])
     parser.add_argument("--log", default="/dev/null")
     args = parser.parse_args()
     if args.kind == "bare":
         asyncio.run(smtp_server(BareHandler()))
     elif args.kind == "sink":
         asyncio.run(smtp_server(SinkHandler(args.log)))
+    elif args.kind == "hooks":
+        asyncio.run(hooks_server())
     else:
         asyncio.run(provider_server())
     return 0

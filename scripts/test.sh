@@ -13,7 +13,8 @@ cd "$(dirname "$0")/.."
 missing=()
 command -v swaks >/dev/null 2>&1 ||
   missing+=(swaks libnet-ssleay-perl libio-socket-ssl-perl libauthen-sasl-perl)
-for tool in curl msmtp mutt; do
+# wrk loads the HTTP receiver in the callbacks benchmark's smoke run.
+for tool in curl msmtp mutt wrk; do
   command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
 [ -x /usr/sbin/postfix ] || command -v postfix >/dev/null 2>&1 || missing+=(postfix)

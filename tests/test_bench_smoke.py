@@ -40,3 +40,15 @@ def test_quick_benchmark_runs_every_scenario(tmp_path: Path) -> None:
     assert figures["500 numbers, one text"]["requests"] == 1
     assert figures["intake_20_True"]["rate"] > 0
     assert figures["e2e"]["p99"] >= figures["e2e"]["p50"] > 0
+
+
+def test_quick_callbacks_benchmark_runs() -> None:
+    """bench/callbacks.py --quick: wrk against a bare aiohttp handler and the
+    daemon's receiver, then callbacks to etatDlr mails; every line printed."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "callbacks.py"), "--quick"],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for line in ("bare aiohttp handler", "mailbridge /hooks/…/cm", "callback -> etatDlr mail"):
+        assert line in proc.stdout, proc.stdout

@@ -204,3 +204,19 @@ async def test_heartbeat_and_provider_state_in_the_gauges(store: SqliteStore) ->
     gauges = (await store.metrics(NOW)).gauges
     assert gauges["heartbeats"] == {"worker": NOW}
     assert gauges["providers"] == {"cm1": False, "kz": True}
+
+
+async def test_a_report_with_an_old_provider_time_is_mailed_now(store: SqliteStore) -> None:
+    """The etatDlr date is the provider's; when the mail is due is ours."""
+    rid = await sent(store, "e9", ["m20", "m21"])
+    old = NOW - 86400
+    events = [
+        DeliveryEvent("kcell", m, None, "DELIVRE", "", old, f"k{m}", "{}") for m in ("m20", "m21")
+    ]
+    await store.add_events(events, NOW + 5)
+    await store.process_events(NOW + 5, 100, RULES)
+    assert await store.next_feedback_due(RULES) == NOW + 5
+    assert await store.queue_delivery_reports(NOW + 5, RULES) == 1
+    (job,) = [j for j in await store.claim_reports(NOW + 5, 100, 60) if j.kind == "dlr"]
+    assert job.request_id == rid
+    assert [r[4] for r in await store.delivery_rows(job.id)] == [old, old]
