@@ -123,7 +123,7 @@ def build_send_side(
     providers = {name: build_provider(name, pc, http) for name, pc in configs.items()}
     sink = make_sink(config.reports, store.instance_id)
     mailer = Mailer(store, sink, ReportRenderer(), config.reports, clock)
-    feedback = FeedbackStage(store, feedback_rules(config), clock)
+    feedback = FeedbackStage(store, feedback_rules(config), clock, config.dispatch.linger_s)
     dispatcher = Dispatcher(
         store,
         providers,

@@ -90,10 +90,15 @@ class FeedbackPass:
 class FeedbackStage:
     """The worker stage: match stored events, queue etatDlr and reply mails."""
 
-    def __init__(self, store: Store, rules: FeedbackRules, clock: Clock) -> None:
+    def __init__(
+        self, store: Store, rules: FeedbackRules, clock: Clock, linger_s: float = 0.0
+    ) -> None:
         self.store = store
         self.rules = rules
         self.clock = clock
+        # After a wake, wait this long so that a burst of callbacks is matched in
+        # one transaction, not one each (dispatch.linger_s, as for requests).
+        self.linger_s = linger_s
 
     async def run_once(self) -> FeedbackPass:
         """Process the due events and the due etatDlr mails once."""
@@ -142,3 +147,5 @@ class FeedbackStage:
                 log.exception("feedback: unexpected error; retrying")
                 idle = 5.0
             await nap(wake, stopping, idle)
+            if self.linger_s > 0 and wake.is_set():
+                await nap(stopping, stopping, self.linger_s)
