@@ -264,6 +264,7 @@ class Daemon:
     _handler: IntakeHandler | None = None
     receiver: Receiver | None = None
     http_address: tuple[str, int] | None = None
+    _started_at: float = 0.0
 
     def wake(self) -> None:
         """New work may be due: the dispatcher, the mailer and the feedback stage look now."""
@@ -279,6 +280,7 @@ class Daemon:
         from mailbridge.limits import IntakeLimits
 
         config = self.config
+        self._started_at = self.clock.time()
         # Before recover(): a previous run's worker may still be sending.
         self._lock_fd = await acquire_store_lock(config)
         self.store = store = open_store(config.store)
@@ -422,7 +424,9 @@ class Daemon:
         elif checks["store"] is not None:
             checks["sending"] = "unknown (store not answering)"
         elif beat is None:
-            checks["sending"] = "no heartbeat yet"
+            # A worker just started has not beaten yet: it gets heartbeat_stale_s.
+            young = self.clock.time() - self._started_at < self.config.dispatch.heartbeat_stale_s
+            checks["sending"] = None if young else "no heartbeat yet"
         elif (age := self.clock.time() - beat) > self.config.dispatch.heartbeat_stale_s:
             checks["sending"] = f"heartbeat {age:.0f}s old"
         else:
