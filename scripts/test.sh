@@ -18,6 +18,8 @@ for tool in curl msmtp mutt wrk; do
   command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
 [ -x /usr/sbin/postfix ] || command -v postfix >/dev/null 2>&1 || missing+=(postfix)
+# PostgreSQL: the tests start throwaway clusters of their own (tests/pg.py).
+ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || missing+=(postgresql)
 # promtool (Debian's prometheus package) checks docs/alerts.yml (tests/test_docs.py).
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 if [ ${#missing[@]} -gt 0 ]; then
