@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -36,8 +37,8 @@ from mailbridge.mailer import Mailer, ReportSink, make_sink
 from mailbridge.providers import Provider, build_provider
 from mailbridge.report import ReportRenderer
 from mailbridge.sdnotify import notify, watchdog_interval
-from mailbridge.store import Store, StoreUnavailable, open_store
-from mailbridge.worker import WorkerProcess, acquire_store_lock, watch_wake_pipe
+from mailbridge.store import Store, StoreUnavailable, acquire_store_lock, open_store
+from mailbridge.worker import WorkerProcess, watch_wake_pipe
 
 # The intake side's modules (aiosmtpd, phonenumbers, holidays, lxml...) are
 # imported where the intake is built, not here: the worker process imports this
@@ -67,6 +68,7 @@ class SendSide:
     store: Store
     clock: Clock
     heartbeat_s: float
+    heartbeat_as: str = "worker"
 
     async def run(
         self,
@@ -92,7 +94,7 @@ class SendSide:
         """Say "alive" in the store: /healthz and the systemd watchdog read it."""
         while not stopping.is_set():
             try:
-                await self.store.heartbeat("worker", self.clock.time(), os.getpid())
+                await self.store.heartbeat(self.heartbeat_as, self.clock.time(), os.getpid())
             except StoreUnavailable as err:
                 log.error("heartbeat: store unavailable: %s", err)
             await nap(stopping, stopping, self.heartbeat_s)
@@ -178,16 +180,25 @@ async def run_senders(
     reports: asyncio.Event,
     events: asyncio.Event,
     stopping: asyncio.Event,
+    beat_as: str,
 ) -> None:
-    """Build the send side, run it until `stopping`, close it."""
+    """Build the send side, run it until `stopping`, close it; `beat_as`: its
+    heartbeat's name."""
     side = build_send_side(config, store, clock, on_done=reports.set)
+    side.heartbeat_as = beat_as
     try:
         await side.run(work, reports, events, stopping)
     finally:
         await side.aclose()
 
 
-async def run_worker(config: Config, wake_fd: int) -> None:
+def heartbeat_name(daemon_pid: int) -> str:
+    """The name the send side of the daemon `daemon_pid` beats under (unique
+    across the hosts of several instances)."""
+    return f"worker:{socket.gethostname()}:{daemon_pid}"
+
+
+async def run_worker(config: Config, wake_fd: int, owner: str, daemon_pid: int) -> None:
     """The worker process: the send side over its own store connection.
 
     Woken by the intake's pipe (`wake_fd`); stops on SIGTERM/SIGINT or when the
@@ -205,10 +216,14 @@ async def run_worker(config: Config, wake_fd: int) -> None:
         events.set()
 
     watch_wake_pipe(wake_fd, wake, stopping.set)
-    store = open_store(config.store)
+    store = open_store(config.store, owner)
     await store.open()
+    await store.watch(wake)  # work added by other instances (PostgreSQL)
     try:
-        await run_senders(config, store, SystemClock(), work, reports, events, stopping)
+        await run_senders(
+            config, store, SystemClock(), work, reports, events, stopping,
+            heartbeat_name(daemon_pid),
+        )  # fmt: skip
     finally:
         await store.close()
 
@@ -282,7 +297,7 @@ class Daemon:
         config = self.config
         self._started_at = self.clock.time()
         # Before recover(): a previous run's worker may still be sending.
-        self._lock_fd = await acquire_store_lock(config)
+        self._lock_fd = await acquire_store_lock(config.store)
         self.store = store = open_store(config.store)
         await store.open()
         released = await store.recover()
@@ -311,19 +326,12 @@ class Daemon:
             await self._worker.start()
             self._tasks = [asyncio.create_task(self._supervise(self._worker))]
         else:
-            self._tasks = [
-                asyncio.create_task(
-                    run_senders(
-                        config,
-                        store,
-                        self.clock,
-                        self._work,
-                        self._reports,
-                        self._events,
-                        self._stopping,
-                    )  # fmt: skip
-                )
-            ]
+            await store.watch(self.wake)  # work added by other instances (PostgreSQL)
+            senders = run_senders(
+                config, store, self.clock, self._work, self._reports, self._events,
+                self._stopping, heartbeat_name(os.getpid()),
+            )  # fmt: skip
+            self._tasks = [asyncio.create_task(senders)]
         if (interval := watchdog_interval()) is not None:
             self._tasks.append(asyncio.create_task(self._watchdog(interval)))
         listening = ", ".join(f"{h}:{p}" for h, p in self.addresses)
@@ -353,7 +361,7 @@ class Daemon:
                 return
             delay = min(60.0, delay * 2)
             try:
-                await self.store.recover()
+                await self.store.recover(worker.owner)  # the dead worker's leases only
                 await worker.start()
             except (OSError, StoreUnavailable) as err:
                 log.error("worker process: cannot restart: %s", err)
@@ -418,7 +426,7 @@ class Daemon:
             checks["store"] = f"not answering ({err or type(err).__name__})"
         serving = bool(self._servers) and all(s.is_serving() for s in self._servers)
         checks["smtp"] = None if serving else "not listening"
-        beat = heartbeats.get("worker")
+        beat = heartbeats.get(heartbeat_name(os.getpid()))
         if self._worker is not None and not self._worker.alive:
             checks["sending"] = "worker process not running"
         elif checks["store"] is not None:

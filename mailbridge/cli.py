@@ -81,12 +81,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from mailbridge.store import StoreUnavailable
 
     worker.die_with_parent(args.parent)
-    config = worker.read_config()
+    config, owner = worker.read_config()
     setup_logging(config.log_level)
     tune_gc()
     worker.lower_priority(config.dispatch.process_nice)
     try:
-        asyncio.run(run_worker(config, args.wake_fd))
+        asyncio.run(run_worker(config, args.wake_fd, owner, args.parent))
     except StoreUnavailable as err:
         logging.getLogger("mailbridge").error("worker: store unavailable: %s", err)
         return 1
@@ -200,11 +200,13 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from mailbridge.store import open_store
+    from dataclasses import asdict
+
+    from mailbridge.store import StoreStatus, open_store
 
     config = _load(args.config)
 
-    async def read() -> dict[str, object]:
+    async def read() -> StoreStatus:
         store = open_store(config.store)
         await store.open()
         try:
@@ -214,20 +216,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     status = asyncio.run(read())
     if args.json:
-        print(json.dumps(status, indent=2))
+        print(json.dumps(asdict(status), indent=2))
         return 0
-    requests = status["requests"]
-    assert isinstance(requests, dict)
+    requests = status.requests
     print("requests:", ", ".join(f"{k} {v}" for k, v in sorted(requests.items())) or "none")
-    print("recipients waiting for a code:", status["recipients_pending"])
-    reports = status["reports"]
-    assert isinstance(reports, dict)
-    print("reports:", ", ".join(f"{k} {v}" for k, v in sorted(reports.items())) or "none")
-    errors = status["last_errors"]
-    assert isinstance(errors, list)
-    if errors:
+    print("recipients waiting for a code:", status.recipients_pending)
+    print("reports:", ", ".join(f"{k} {v}" for k, v in sorted(status.reports.items())) or "none")
+    if status.last_errors:
         print("last errors:")
-        for line in errors:
+        for line in status.last_errors:
             print("  " + line)
     return 0
 

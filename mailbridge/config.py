@@ -153,6 +153,15 @@ class StoreConfig(_Model):
     # Cap on the database file (SQLite max_page_count); past it the intake answers
     # 451 (the client retries) instead of filling the disk. None: no cap.
     max_size_mb: float | None = Field(None, gt=0)
+    # PostgreSQL: connections each process keeps in its pool (checked before use).
+    pool_size: int = Field(4, ge=1, le=100)
+
+    @field_validator("postgresql")
+    @classmethod
+    def _postgresql(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"postgres(ql)?://", v):
+            raise ValueError("a URL: postgresql://user:password@host:5432/database")
+        return v
 
     @model_validator(mode="after")
     def _one_backend(self) -> StoreConfig:

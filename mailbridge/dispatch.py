@@ -15,6 +15,7 @@ the request marked done with its Not report queued. Failure behaviour:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -121,6 +122,10 @@ class Dispatcher:
         }
         # What the store (and /metrics' provider_up) was last told of each provider.
         self._told_up: dict[str, bool] = {}
+        # Requests this dispatcher is working on (their leases are renewed), and
+        # those whose lease another instance took over (work on them stops).
+        self._held: set[int] = set()
+        self._lost: set[int] = set()
 
     async def _tell_up(self, name: str, up: bool, error: str | None = None) -> None:
         """Record a provider going down (circuit open, credentials refused) or up."""
@@ -134,10 +139,33 @@ class Dispatcher:
 
     # -- the loop --------------------------------------------------------
 
+    async def renew_leases(self) -> None:
+        """Extend the leases of the requests in progress, all in one write; note
+        those another instance took over (after a pause longer than the lease)."""
+        held = sorted(self._held)
+        if not held:
+            return
+        try:
+            kept = await self.store.renew_leases(held, self.config.lease_s)
+        except StoreUnavailable as err:
+            log.error("dispatch: leases not renewed, store unavailable: %s", err)
+            return
+        lost = set(held) - kept
+        if lost:
+            log.error("requests %s: lease lost (another instance took them over)", _ids(lost))
+            self._lost |= lost
+
+    async def _renew_every(self, stopping: asyncio.Event) -> None:
+        # A third of the lease: two renewals may fail before another instance may claim.
+        while not stopping.is_set():
+            await nap(stopping, stopping, self.config.lease_s / 3)
+            await self.renew_leases()
+
     async def run(self, wake: asyncio.Event, stopping: asyncio.Event, grace_s: float) -> None:
         """Serve until `stopping`; then let in-flight batches finish for `grace_s`."""
         slots = asyncio.Semaphore(self.config.workers)
         tasks: set[asyncio.Task[None]] = set()
+        renewer = asyncio.create_task(self._renew_every(stopping))
         while not stopping.is_set():
             wake.clear()
             while not stopping.is_set():
@@ -173,6 +201,9 @@ class Dispatcher:
                 task.cancel()  # their recipients stay `submitting`: in doubt at next start
             if late:
                 await asyncio.wait(late)
+        renewer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await renewer
 
     async def _idle_time(self) -> float:
         try:
@@ -200,8 +231,11 @@ class Dispatcher:
         the recipients of all of them in as few requests as it allows.
         """
         by_id = {c.id: c for c in claims}
+        self._held.update(by_id)
         try:
             while True:
+                for request_id in self._lost & set(by_id):
+                    del by_id[request_id]  # another instance has it now
                 now = self.clock.time()
                 pending = await self.store.pending_recipients(list(by_id), now, PAGE)
                 if not pending:
@@ -225,6 +259,9 @@ class Dispatcher:
                     await self.process([claim])
                 return
             await self._failed(claims, err)
+        finally:
+            self._held.difference_update(c.id for c in claims)
+            self._lost.difference_update(c.id for c in claims)
 
     async def _failed(self, claims: Sequence[ClaimedRequest], err: Exception) -> None:
         ids = [c.id for c in claims]
@@ -363,12 +400,19 @@ class Dispatcher:
         chunk, results = await self._reserve(group)
         calls: list[tuple[str, float]] = []  # (provider, seconds) for the call histogram
         if chunk:
-            messages = [self._message(item) for item in chunk]
-            await self.store.mark_submitting(
-                [(i.rcpt.request_id, i.rcpt.idx) for i in chunk],
-                name,
-                self.clock.time() + self.config.lease_s,
+            kept = await self.store.mark_submitting(
+                [(i.rcpt.request_id, i.rcpt.idx) for i in chunk], name, self.config.lease_s
             )
+            lost = {i.claimed.id for i in chunk} - kept
+            if lost:
+                # Taken over by another instance while we waited: it sends them
+                # (their reserved credit stays used: credit errs on sending less).
+                log.error("requests %s: lease lost; their SMS are not sent here", _ids(lost))
+                self._lost |= lost
+                chunk = [i for i in chunk if i.claimed.id in kept]
+                results = [r for r in results if r.request_id in kept]
+            messages = [self._message(item) for item in chunk]
+        if chunk:
             started = time.perf_counter()
             try:
                 outcomes = await self._submit(provider, messages)

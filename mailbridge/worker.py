@@ -21,58 +21,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import fcntl
 import logging
 import os
 import pickle
+import secrets
 import signal
+import socket
 import sys
-import time
 from collections.abc import Callable
-from pathlib import Path
 
 from mailbridge.config import Config
-from mailbridge.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
-LOCK_WAIT_S = 30.0  # how long a starting daemon waits for a previous one's worker to die
 PR_SET_PDEATHSIG = 1
 # The child's command line: `python -m mailbridge _worker <parent pid> <wake fd>`,
 # a subcommand the CLI hides from --help (bench/profile.py looks for it too).
 WORKER_COMMAND = "_worker"
-
-
-# -- the store lock ------------------------------------------------------------
-
-
-def lock_path(config: Config) -> Path | None:
-    """The file whose lock says "a mailbridge works on this store"."""
-    db = config.store.sqlite
-    return None if db is None else db.with_name(db.name + ".lock")
-
-
-async def acquire_store_lock(config: Config) -> int | None:
-    """Lock the store for this daemon; wait while a previous run's worker dies.
-
-    Returns the locked file descriptor (closing it releases the lock).
-    """
-    path = lock_path(config)
-    if path is None:
-        return None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    deadline = time.monotonic() + LOCK_WAIT_S
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                os.close(fd)
-                raise StoreUnavailable(
-                    f"{path} is locked: another mailbridge (or its worker) uses this store"
-                ) from None
-            await asyncio.sleep(0.05)
 
 
 # -- the worker process: parent side -------------------------------------------
@@ -86,9 +50,13 @@ class WorkerProcess:
         self.lock_fd = lock_fd
         self.proc: asyncio.subprocess.Process | None = None
         self._wake_w: int | None = None
+        # The name its leases carry (a new one at each start): when it dies, the
+        # daemon takes back exactly its leases, whatever other instances hold.
+        self.owner = ""
 
     async def start(self) -> None:
         """Start the child and hand it the configuration."""
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:worker-{secrets.token_hex(3)}"
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_w, False)
         fds = [wake_r] if self.lock_fd is None else [wake_r, self.lock_fd]
@@ -110,7 +78,7 @@ class WorkerProcess:
             os.close(wake_r)
         self._wake_w = wake_w
         assert self.proc.stdin is not None
-        self.proc.stdin.write(pickle.dumps(self.config))
+        self.proc.stdin.write(pickle.dumps((self.config, self.owner)))
         await self.proc.stdin.drain()
         self.proc.stdin.close()
         log.info("worker process %d started (send and report stages)", self.proc.pid)
@@ -165,10 +133,12 @@ def die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def read_config() -> Config:
-    """The Config the parent wrote on our stdin (pickled: from the parent, never elsewhere)."""
-    config: Config = pickle.loads(sys.stdin.buffer.read())
-    return config
+def read_config() -> tuple[Config, str]:
+    """The Config and lease owner name the parent wrote on our stdin (pickled:
+    from the parent, never elsewhere)."""
+    config, owner = pickle.loads(sys.stdin.buffer.read())
+    assert isinstance(config, Config) and isinstance(owner, str)
+    return config, owner
 
 
 def lower_priority(nice: int) -> None:

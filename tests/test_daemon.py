@@ -95,13 +95,13 @@ async def test_quiet_hours_defer_holds_until_monday_8am(harness: Any) -> None:
     assert ack_code(acks[0]) == 0  # the Ack is immediate
     assert h.daemon.store is not None
     status = await h.daemon.store.status(h.clock.time())
-    assert status["requests"] == {"waiting": 1}
+    assert status.requests == {"waiting": 1}
     assert h.outbox() == []
     # Sunday noon: still held.
     h.clock.set(datetime(2026, 11, 29, 12, 0, tzinfo=PARIS))
     h.daemon.wake()
     await asyncio.sleep(0)  # let the dispatcher look once
-    assert (await h.daemon.store.status(h.clock.time()))["requests"] == {"waiting": 1}
+    assert (await h.daemon.store.status(h.clock.time())).requests == {"waiting": 1}
     h.clock.set(MONDAY_MORNING)
     h.daemon.wake()
     nots = await eventually(lambda: h.reports("d1")["not"])

@@ -402,11 +402,9 @@ async def test_store_cap_raises_sqlite_full_and_the_store_stays_usable(tmp_path:
                 stored += 1
         assert 0 < stored < 100
         status = await store.status(0.0)
-        database = status["database"]
-        assert isinstance(database, dict)
-        assert database["max_bytes"] == 64 * 4096 and database["bytes"] <= 64 * 4096
+        assert status.database_max_bytes == 64 * 4096 and status.database_bytes <= 64 * 4096
         # The failed transaction is gone: reads and in-place writes still work.
-        assert status["requests"] == {"queued": stored}
+        assert status.requests == {"queued": stored}
         (job,) = await store.claim_requests(1.0, 60, 1)
         await store.release_requests([job.id], None, None, count_attempt=False)
     finally:
@@ -537,5 +535,5 @@ async def test_work_resumes_soon_after_a_long_store_outage(tmp_path: Path) -> No
         await dispatcher.process([claimed])
     status = await store.status(clock.time())
     await store.close()
-    assert status["requests"] == {"done": 1}
+    assert status.requests == {"done": 1}
     assert len(outbox_lines(tmp_path / "outbox.jsonl")) == 1  # in doubt, written once

@@ -11,6 +11,7 @@ import pytest
 
 from mailbridge.feedback import EVENT_MAX_AGE_S, FeedbackRules, event_retry_delay, is_stop
 from mailbridge.model import DeliveryEvent, RecipientDraft, RecipientResult, ReplyEvent
+from mailbridge.store.sqlstore import SqlStore
 from mailbridge.store.sqlite import SqliteStore
 from tests.test_store import NOW, new_request
 
@@ -35,11 +36,9 @@ def mo(number: str, text: str, message_id: str | None = None, key: str = "") -> 
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    s = SqliteStore(tmp_path / "db.sqlite")
-    await s.open()
-    yield s
-    await s.close()
+def store(any_store: SqlStore) -> SqlStore:
+    """The store of each backend (tests/conftest.py): the same contract on both."""
+    return any_store
 
 
 def two_numbers() -> list[RecipientDraft]:
@@ -49,7 +48,7 @@ def two_numbers() -> list[RecipientDraft]:
     ]
 
 
-async def sent(store: SqliteStore, email_id: str, ids: list[str], **kw: object) -> int:
+async def sent(store: SqlStore, email_id: str, ids: list[str], **kw: object) -> int:
     """A request of two numbers, both accepted by provider kz with these message ids."""
     kw.setdefault("dlr_to", "dlr@c.test")
     rid = (
@@ -62,11 +61,11 @@ async def sent(store: SqliteStore, email_id: str, ids: list[str], **kw: object) 
     return rid
 
 
-async def kinds(store: SqliteStore, now: float = NOW + 10**7) -> list[tuple[int, str, str]]:
+async def kinds(store: SqlStore, now: float = NOW + 10**7) -> list[tuple[int, str, str]]:
     return [(j.request_id, j.kind, j.to_addr) for j in await store.claim_reports(now, 100, 60)]
 
 
-async def test_same_callback_twice_is_stored_once(store: SqliteStore) -> None:
+async def test_same_callback_twice_is_stored_once(store: SqlStore) -> None:
     event = dlr("m1", "DELIVRE")
     assert await store.add_events([event, event], NOW) == [True, False]
     assert await store.add_events([event], NOW) == [False]
@@ -74,7 +73,7 @@ async def test_same_callback_twice_is_stored_once(store: SqliteStore) -> None:
     assert ("mailbridge_delivery_reports_total", ("kcell", "DELIVRE"), 1.0) in metrics.counters
 
 
-async def test_all_final_gives_one_etatdlr_mail_at_once(store: SqliteStore) -> None:
+async def test_all_final_gives_one_etatdlr_mail_at_once(store: SqlStore) -> None:
     rid = await sent(store, "e1", ["m1", "m2"])
     await store.add_events([dlr("m1", "DELIVRE"), dlr("m2", "EN_COURS")], NOW + 1)
     done = await store.process_events(NOW + 1, 100, RULES)
@@ -93,7 +92,7 @@ async def test_all_final_gives_one_etatdlr_mail_at_once(store: SqliteStore) -> N
     ]
 
 
-async def test_a_final_status_is_never_replaced(store: SqliteStore) -> None:
+async def test_a_final_status_is_never_replaced(store: SqlStore) -> None:
     await sent(store, "e2", ["m3", "m4"])
     await store.add_events([dlr("m3", "DELIVRE")], NOW)
     await store.process_events(NOW, 100, RULES)
@@ -107,7 +106,7 @@ async def test_a_final_status_is_never_replaced(store: SqliteStore) -> None:
     assert [r[2] for r in await store.delivery_rows(job.id)] == ["DELIVRE", "EXPIRE"]
 
 
-async def test_a_report_before_its_message_id_is_kept_and_matched(store: SqliteStore) -> None:
+async def test_a_report_before_its_message_id_is_kept_and_matched(store: SqlStore) -> None:
     await store.add_events([dlr("early", "DELIVRE")], NOW)
     assert (await store.process_events(NOW, 100, RULES)).waiting == 1
     assert (await store.metrics(NOW)).gauges["events_waiting"] == 1
@@ -121,7 +120,7 @@ async def test_a_report_before_its_message_id_is_kept_and_matched(store: SqliteS
     assert (rid, "dlr", "dlr@c.test") in await kinds(store)
 
 
-async def test_unmatched_event_backs_off_then_becomes_an_orphan(store: SqliteStore) -> None:
+async def test_unmatched_event_backs_off_then_becomes_an_orphan(store: SqlStore) -> None:
     await store.add_events([dlr("nobody", "DELIVRE")], NOW)
     assert (await store.process_events(NOW, 100, RULES)).waiting == 1
     assert (await store.process_events(NOW + 1, 100, RULES)).waiting == 0  # not due yet
@@ -132,7 +131,7 @@ async def test_unmatched_event_backs_off_then_becomes_an_orphan(store: SqliteSto
     assert len(done.orphans) == 1 and "nobody" in done.orphans[0]
 
 
-async def test_after_the_delay_those_final_by_then_then_the_rest(store: SqliteStore) -> None:
+async def test_after_the_delay_those_final_by_then_then_the_rest(store: SqlStore) -> None:
     rid = await sent(store, "e4", ["m6", "m7"])
     await store.add_events([dlr("m6", "DELIVRE")], NOW)
     await store.process_events(NOW, 100, RULES)
@@ -147,14 +146,14 @@ async def test_after_the_delay_those_final_by_then_then_the_rest(store: SqliteSt
     assert all(j.request_id == rid for j in jobs)
 
 
-async def test_no_etatdlr_without_an_address(store: SqliteStore) -> None:
+async def test_no_etatdlr_without_an_address(store: SqlStore) -> None:
     await sent(store, "e5", ["m8", "m9"], dlr_to=None)
     await store.add_events([dlr("m8", "DELIVRE"), dlr("m9", "DELIVRE")], NOW)
     assert (await store.process_events(NOW, 100, RULES)).matched == 2
     assert await store.queue_delivery_reports(NOW + 10**6, RULES) == 0
 
 
-async def test_batch_ids_match_with_the_number(store: SqliteStore) -> None:
+async def test_batch_ids_match_with_the_number(store: SqlStore) -> None:
     """sMsmode and CM name a message by an id its whole batch shares, plus the number."""
     rid = await sent(store, "e6", ["batch1", "batch1"])
     await store.add_events([dlr("batch1", "DELIVRE", number="+33601020305")], NOW)
@@ -169,7 +168,7 @@ async def test_batch_ids_match_with_the_number(store: SqliteStore) -> None:
     ]  # fmt: skip
 
 
-async def test_reply_mail_and_stop(store: SqliteStore) -> None:
+async def test_reply_mail_and_stop(store: SqlStore) -> None:
     older = await sent(store, "e7", ["m10", "m11"])
     newer = await sent(store, "e8", ["m12", "m13"], account="other")
     await store.add_events([mo("+33601020304", "Merci, bien reçu")], NOW)
@@ -197,7 +196,7 @@ def test_stop_words(text: str, stop: bool) -> None:
     assert is_stop(text) is stop
 
 
-async def test_heartbeat_and_provider_state_in_the_gauges(store: SqliteStore) -> None:
+async def test_heartbeat_and_provider_state_in_the_gauges(store: SqlStore) -> None:
     await store.heartbeat("worker", NOW, 42)
     await store.set_provider_state("cm1", False, NOW, "401 Unauthorized")
     await store.set_provider_state("kz", True, NOW)
@@ -206,7 +205,7 @@ async def test_heartbeat_and_provider_state_in_the_gauges(store: SqliteStore) ->
     assert gauges["providers"] == {"cm1": False, "kz": True}
 
 
-async def test_a_report_with_an_old_provider_time_is_mailed_now(store: SqliteStore) -> None:
+async def test_a_report_with_an_old_provider_time_is_mailed_now(store: SqlStore) -> None:
     """The etatDlr date is the provider's; when the mail is due is ours."""
     rid = await sent(store, "e9", ["m20", "m21"])
     old = NOW - 86400

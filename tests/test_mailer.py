@@ -84,8 +84,8 @@ async def test_relay_down_then_up(store: SqliteStore) -> None:
 
     assert await mailer.run_once() == 0
     status = await store.status(clock.time())
-    assert status["reports"] == {"pending": 2}
-    assert any("report" in e for e in status["last_errors"])  # type: ignore[union-attr]
+    assert status.reports == {"pending": 2}
+    assert any("report" in e for e in status.last_errors)
     assert await mailer.run_once() == 0  # not due yet: nothing attempted
     clock.advance(15)
     assert await store.claim_reports(clock.time(), 10, 60) == []
@@ -115,7 +115,7 @@ async def test_relay_down_then_up(store: SqliteStore) -> None:
     )
     assert b"\r\nAuto-Submitted: auto-replied\r\n" in not_.data
     assert not_.data.endswith((GOLDEN / "not_single.xml").read_bytes().replace(b"\n", b"\r\n"))
-    assert (await store.status(clock.time()))["reports"] == {"sent": 2}
+    assert (await store.status(clock.time())).reports == {"sent": 2}
 
 
 async def test_relay_reconnects_after_the_relay_closed_the_connection(store: SqliteStore) -> None:
@@ -168,7 +168,7 @@ async def test_maildir_delivery_is_idempotent(store: SqliteStore, tmp_path: Path
     db.close()
     assert await mailer.run_once() == 2  # the Ack again (found, not rewritten) and the Not
     assert len(maildir_reports(tmp_path / "md")) == 2
-    assert (await store.status(clock.time()))["reports"] == {"sent": 2}
+    assert (await store.status(clock.time())).reports == {"sent": 2}
 
 
 async def test_reports_go_out_on_parallel_connections_in_order_per_request(
@@ -204,4 +204,4 @@ async def test_reports_go_out_on_parallel_connections_in_order_per_request(
     assert kinds == {
         f"burst-{i}".encode(): ["ack@client.test", "not@client.test"] for i in range(12)
     }
-    assert (await store.status(clock.time()))["reports"] == {"sent": 24}
+    assert (await store.status(clock.time())).reports == {"sent": 24}

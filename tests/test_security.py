@@ -517,7 +517,7 @@ async def eventually(predicate: Callable[[], T], timeout: float = 30.0) -> T:
 
 async def stored(daemon: Daemon, clock: FakeClock) -> int:
     assert daemon.store is not None
-    counts = (await daemon.store.status(clock.time()))["requests"]
+    counts = (await daemon.store.status(clock.time())).requests
     assert isinstance(counts, dict)
     return sum(counts.values())
 

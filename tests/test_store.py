@@ -11,7 +11,9 @@ import pytest
 
 from mailbridge.model import NewRequest, RecipientDraft, RecipientResult
 from mailbridge.store import StoreUnavailable
-from mailbridge.store.sqlite import SCHEMA, SCHEMA_VERSION, SqliteStore, _runs
+from mailbridge.store.queue import runs as _runs
+from mailbridge.store.sqlstore import SqlStore
+from mailbridge.store.sqlite import SCHEMA, SCHEMA_VERSION, SqliteStore
 
 NOW = 1_800_000_000.0
 
@@ -35,20 +37,18 @@ def new_request(email_id: str | None = "1", ack: int = 0, **kw: object) -> NewRe
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    s = SqliteStore(tmp_path / "db.sqlite")
-    await s.open()
-    yield s
-    await s.close()
+def store(any_store: SqlStore) -> SqlStore:
+    """The store of each backend (tests/conftest.py): the same contract on both."""
+    return any_store
 
 
-async def test_admission_and_duplicate_email_id(store: SqliteStore) -> None:
+async def test_admission_and_duplicate_email_id(store: SqlStore) -> None:
     first = await store.add_request(new_request("42"))
     second = await store.add_request(new_request("42"))
     other_account = await store.add_request(new_request("42", account="other"))
     assert (first.ack_code, second.ack_code, other_account.ack_code) == (0, 1, 0)
     status = await store.status(NOW)
-    assert status["requests"] == {"queued": 2, "done": 1}
+    assert status.requests == {"queued": 2, "done": 1}
     reports = await store.claim_reports(NOW, 10, 60)
     assert [(r.request_id, r.kind) for r in reports] == [
         (first.request_id, "ack"), (second.request_id, "ack"), (other_account.request_id, "ack"),
@@ -57,17 +57,17 @@ async def test_admission_and_duplicate_email_id(store: SqliteStore) -> None:
     assert (data.ack_code, data.rows) == (1, [])
 
 
-async def test_format_errors_do_not_consume_the_email_id(store: SqliteStore) -> None:
+async def test_format_errors_do_not_consume_the_email_id(store: SqlStore) -> None:
     assert (await store.add_request(new_request("9", ack=3))).ack_code == 3
     assert (await store.add_request(new_request("9"))).ack_code == 0
 
 
-async def test_concurrent_duplicates_admit_exactly_one(store: SqliteStore) -> None:
+async def test_concurrent_duplicates_admit_exactly_one(store: SqlStore) -> None:
     results = await asyncio.gather(*(store.add_request(new_request("same")) for _ in range(20)))
     assert sorted(r.ack_code for r in results) == [0] + [1] * 19
 
 
-async def test_claim_send_finish(store: SqliteStore) -> None:
+async def test_claim_send_finish(store: SqlStore) -> None:
     admitted = await store.add_request(new_request())
     (claimed,) = await store.claim_requests(NOW, 60, 10)
     assert claimed.id == admitted.request_id
@@ -84,10 +84,10 @@ async def test_claim_send_finish(store: SqliteStore) -> None:
     assert kinds == ["ack", "not"]
 
 
-async def test_all_final_at_intake_queues_the_not_at_once(store: SqliteStore) -> None:
+async def test_all_final_at_intake_queues_the_not_at_once(store: SqlStore) -> None:
     req = new_request(recipients=[RecipientDraft("x", code=7)])
     admitted = await store.add_request(req)
-    assert (await store.status(NOW))["requests"] == {"done": 1}
+    assert (await store.status(NOW)).requests == {"done": 1}
     assert [r.kind for r in await store.claim_reports(NOW, 10, 60)] == ["ack", "not"]
     assert admitted.ack_code == 0
 
@@ -110,7 +110,7 @@ async def test_crash_mid_submission_leaves_recipients_in_doubt(tmp_path: Path) -
     await again.close()
 
 
-async def test_retry_due_times_and_release(store: SqliteStore) -> None:
+async def test_retry_due_times_and_release(store: SqlStore) -> None:
     admitted = await store.add_request(new_request())
     (claimed,) = await store.claim_requests(NOW, 60, 10)
     retry = RecipientResult(claimed.id, 1, None, "outbox", None, "503", NOW + 30, 0, 1)
@@ -125,7 +125,7 @@ async def test_retry_due_times_and_release(store: SqliteStore) -> None:
     assert (p.attempts, p.in_doubt) == (1, True)
 
 
-async def test_credit(store: SqliteStore) -> None:
+async def test_credit(store: SqlStore) -> None:
     assert await store.reserve_credit("key", 3, 5)
     assert not await store.reserve_credit("key", 3, 5)
     admitted = await store.add_request(new_request(account="key"))
@@ -134,7 +134,7 @@ async def test_credit(store: SqliteStore) -> None:
     assert await store.reserve_credit("key", 5, 5)
 
 
-async def test_report_retry(store: SqliteStore) -> None:
+async def test_report_retry(store: SqlStore) -> None:
     await store.add_request(new_request(recipients=[RecipientDraft("x", code=7)]))
     ack, not_ = await store.claim_reports(NOW, 10, 60)
     await store.report_failed(ack.id, NOW + 100, "relay down")
@@ -143,7 +143,7 @@ async def test_report_retry(store: SqliteStore) -> None:
     (retry,) = await store.claim_reports(NOW + 100, 10, 60)
     assert (retry.id, retry.attempts) == (ack.id, 1)
     status = await store.status(NOW)
-    assert status["reports"] == {"pending": 1, "sent": 1}
+    assert status.reports == {"pending": 1, "sent": 1}
 
 
 async def test_unwritable_store_raises_store_unavailable(tmp_path: Path) -> None:
@@ -166,7 +166,7 @@ def test_runs_of_consecutive_idx() -> None:
     assert _runs([5]) == [(5, 5)]
 
 
-async def test_results_by_runs_touch_exactly_their_recipients(store: SqliteStore) -> None:
+async def test_results_by_runs_touch_exactly_their_recipients(store: SqlStore) -> None:
     """Same outcomes share one UPDATE per run of idx: interleaved outcomes, gaps
     and a recipient left out must each end exactly as recorded."""
     drafts = [
@@ -181,13 +181,16 @@ async def test_results_by_runs_touch_exactly_their_recipients(store: SqliteStore
     results += [RecipientResult(claimed.id, i, 7, "cm", None, "invalid", NOW) for i in (4, 7)]
     results.append(RecipientResult(claimed.id, 10, None, "cm", None, "503", NOW + 30, 0, 1))
     await store.record_results(results, NOW)
-    rows = dict(
-        ((idx, (code, detail, submitting, attempts)))
-        for idx, code, detail, submitting, attempts in store.db.execute(
+    read = await store._read(
+        lambda tx: tx.all(
             "SELECT idx, code, detail, submitting, attempts FROM recipients WHERE request_id = ?",
             (claimed.id,),
         )
     )
+    rows = {
+        idx: (code, detail, submitting, attempts)
+        for idx, code, detail, submitting, attempts in read
+    }
     assert rows == {
         **{i: (0, "accepted", 0, 0) for i in sent},
         4: (7, "invalid", 0, 0),
@@ -198,7 +201,7 @@ async def test_results_by_runs_touch_exactly_their_recipients(store: SqliteStore
 
 
 async def test_report_data_many_reads_each_request_once_and_skips_unknown(
-    store: SqliteStore,
+    store: SqlStore,
 ) -> None:
     first = await store.add_request(new_request("a"))
     second = await store.add_request(new_request("b", recipients=[RecipientDraft("x", code=7)]))
@@ -210,7 +213,7 @@ async def test_report_data_many_reads_each_request_once_and_skips_unknown(
     assert many[second.request_id].rows == [("x", 7)]
 
 
-async def test_plain_report_only_when_a_number_failed(store: SqliteStore) -> None:
+async def test_plain_report_only_when_a_number_failed(store: SqlStore) -> None:
     """SPEC 9, plain.reports: failures: the text report is queued only when a
     number did not get code 0; `all` always; the XML Not never for plain mode."""
     ok = [RecipientDraft("0601020304", "+33601020304", "x", "gsm7", 1, 5)]

@@ -18,7 +18,7 @@ import pytest
 import mailbridge
 from mailbridge import worker
 from mailbridge.cli import build_parser, cmd_worker
-from mailbridge.store import StoreUnavailable
+from mailbridge.store import StoreUnavailable, acquire_store_lock, sqlite
 from tests.support import (
     DaemonProcess,
     ack_code,
@@ -110,15 +110,15 @@ def test_the_store_lock_keeps_a_second_daemon_out(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = make_config(tmp_path)
-    monkeypatch.setattr(worker, "LOCK_WAIT_S", 0.2)
+    monkeypatch.setattr(sqlite, "LOCK_WAIT_S", 0.2)
 
     async def scenario() -> None:
-        held = await worker.acquire_store_lock(config)
+        held = await acquire_store_lock(config.store)
         assert held is not None
         with pytest.raises(StoreUnavailable, match="another mailbridge"):
-            await worker.acquire_store_lock(config)
+            await acquire_store_lock(config.store)
         os.close(held)  # the holder is gone: the next one gets it
-        again = await worker.acquire_store_lock(config)
+        again = await acquire_store_lock(config.store)
         assert again is not None
         os.close(again)
 

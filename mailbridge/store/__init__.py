@@ -14,7 +14,7 @@ it, nothing in between.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -39,6 +39,18 @@ class StoreUnavailable(Exception):
 
 
 @dataclass(frozen=True)
+class StoreStatus:
+    """What `mailbridge status` shows: counts by state and the last errors."""
+
+    requests: dict[str, int]  # by state; "waiting" for queued ones due later
+    recipients_pending: int
+    reports: dict[str, int]  # by state
+    last_errors: list[str]
+    database_bytes: int  # watch it against store.max_size_mb and the free disk
+    database_max_bytes: int | None
+
+
+@dataclass(frozen=True)
 class StoreMetrics:
     """What /metrics reads from the store: counters (name, label values, value)
     kept in the same transactions as the work they count, and the gauges of
@@ -50,6 +62,7 @@ class StoreMetrics:
 
 class Store(Protocol):
     instance_id: str  # random, made when the store is created: keeps idempotency keys unique
+    owner: str  # this process, in the leases it takes (host:pid:random)
 
     async def open(self) -> None: ...
 
@@ -59,8 +72,10 @@ class Store(Protocol):
         """Store an accepted email (Ack 1 if its emailId was seen); durable on return."""
         ...
 
-    async def recover(self) -> int:
-        """At start: release leases of a previous run; return how many were released."""
+    async def recover(self, owner: str | None = None) -> int:
+        """Take back the leases of `owner` (a process known to be dead), or, with
+        None, of a previous run where one daemon owns the store (SQLite); their
+        recipients being submitted become in doubt. How many requests it held."""
         ...
 
     async def claim_requests(self, now: float, lease_s: float, limit: int) -> list[ClaimedRequest]:
@@ -80,10 +95,15 @@ class Store(Protocol):
         ...
 
     async def mark_submitting(
-        self, recipients: Sequence[tuple[int, int]], provider: str, lease_until: float
-    ) -> None:
+        self, recipients: Sequence[tuple[int, int]], provider: str, lease_s: float
+    ) -> set[int]:
         """Record that these (request id, index) are about to be handed to
-        `provider`; renew their requests' leases."""
+        `provider`; renew their requests' leases. Returns the requests this
+        process still holds: the others' recipients must not be submitted."""
+        ...
+
+    async def renew_leases(self, request_ids: Sequence[int], lease_s: float) -> set[int]:
+        """Extend this process's leases; the ids it still holds."""
         ...
 
     async def reserve_credit(self, account: str, parts: int, credit: int) -> bool:
@@ -134,7 +154,7 @@ class Store(Protocol):
 
     async def report_failed(self, report_id: int, due_at: float, error: str) -> None: ...
 
-    async def status(self, now: float) -> dict[str, object]:
+    async def status(self, now: float) -> StoreStatus:
         """Counts by state and the last errors, for `mailbridge status`."""
         ...
 
@@ -178,16 +198,40 @@ class Store(Protocol):
 
     async def metrics(self, now: float) -> StoreMetrics: ...
 
+    async def watch(self, on_wake: Callable[[], None]) -> None:
+        """Call `on_wake` when another process adds work (PostgreSQL NOTIFY);
+        a no-op where the intake's pipe already says so."""
+        ...
 
-def open_store(config: StoreConfig) -> Store:
-    """The backend the configuration names (not yet opened)."""
+
+def open_store(config: StoreConfig, owner: str | None = None) -> Store:
+    """The backend the configuration names (not yet opened); `owner`: the name
+    its leases carry (default: this process's host, pid and a random tag)."""
+    store: Store
     if config.sqlite is not None:
         from mailbridge.store.sqlite import SqliteStore
 
-        return SqliteStore(
+        store = SqliteStore(
             config.sqlite,
             synchronous=config.synchronous,
             busy_timeout_s=config.busy_timeout_s,
             max_size_mb=config.max_size_mb,
         )
-    raise StoreUnavailable("store.postgresql is not implemented yet; use store.sqlite")
+    else:
+        from mailbridge.store.postgres import PostgresStore
+
+        store = PostgresStore(config)
+    if owner is not None:
+        store.owner = owner
+    return store
+
+
+async def acquire_store_lock(config: StoreConfig) -> int | None:
+    """Take the store for this daemon where a store takes one daemon (a SQLite
+    file: its lock file, inherited by the worker); None for PostgreSQL, which
+    takes any number of instances. Waits while a previous run's worker dies."""
+    if config.sqlite is None:
+        return None
+    from mailbridge.store.sqlite import acquire_lock
+
+    return await acquire_lock(config.sqlite)

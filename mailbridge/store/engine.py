@@ -1,0 +1,294 @@
+"""The store's transaction engine, the same for every backend: one thread, group commit.
+
+Every store call is a plain function of a `Tx` (a connection in a
+transaction), queued to one dedicated thread, so the event loop never blocks
+on the database and the writes of this process are serialised without lock
+contention. The thread takes all the calls waiting at that moment and runs
+them in ONE transaction, each inside its own SAVEPOINT (a failing call is
+rolled back alone), commits once, and only then answers them all: under
+load, many SMTP transactions and dispatch steps share one commit (one fsync),
+and each 250 still waits for its own commit.
+
+A backend (`Backend`) gives the connection, how to begin a transaction, and
+which driver errors mean "cannot write now" (they become `StoreUnavailable`,
+which intake answers with 451). `Tx.execute` takes `?` placeholders and
+writes them the way the driver wants.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol, TypeVar
+
+from mailbridge.store import StoreUnavailable
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+MAX_BATCH = 512  # store calls sharing one transaction (one commit)
+
+
+class Tx:
+    """A connection inside the engine's transaction, for the store's queries.
+
+    `dialect` holds the few SQL spellings that differ between backends (the
+    database clock, row locks for claims); everything else is the common subset
+    of SQLite and PostgreSQL.
+    """
+
+    __slots__ = ("conn", "dialect", "shard", "_pyformat")
+
+    def __init__(self, conn: Any, dialect: Dialect, shard: str = "") -> None:
+        self.conn = conn
+        self.dialect = dialect
+        self.shard = shard  # this process's own rows of shared counters
+        self._pyformat = dialect.paramstyle == "format"
+
+    def _sql(self, sql: str) -> str:
+        # Our queries hold no literal '?' or '%': the translation is exact.
+        return sql.replace("?", "%s") if self._pyformat else sql
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        """Run one statement; the driver's cursor (fetchone, fetchall, rowcount)."""
+        return self.conn.execute(self._sql(sql), params)
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        rows = list(rows)
+        if not rows:
+            return
+        if self._pyformat:
+            with self.conn.cursor() as cur:
+                cur.executemany(self._sql(sql), rows)
+        else:
+            self.conn.executemany(sql, rows)
+
+    def one(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        """The first row, or None."""
+        return self.execute(sql, params).fetchone()
+
+    def all(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        return list(self.execute(sql, params).fetchall())
+
+
+class Dialect(Protocol):
+    @property
+    def paramstyle(self) -> str:
+        """ "qmark" (sqlite3) or "format" (psycopg)."""
+        ...
+
+    @property
+    def now(self) -> str:
+        """SQL expression: the database's clock, as POSIX seconds."""
+        ...
+
+    @property
+    def skip_locked(self) -> str:
+        """Appended to the SELECT of a claim ("" where writes are serial)."""
+        ...
+
+    @property
+    def notify(self) -> str:
+        """A statement telling every instance that work was added ("" for none)."""
+        ...
+
+
+class Backend(Protocol):
+    """What a database gives the engine."""
+
+    @property
+    def dialect(self) -> Dialect: ...
+
+    def connect(self) -> Any:
+        """Open (or take from a pool) the connection the engine thread uses."""
+        ...
+
+    def begin(self, conn: Any) -> None:
+        """Start a write transaction (raise a driver error if it cannot now)."""
+        ...
+
+    def commit(self, conn: Any) -> None: ...
+
+    def rollback(self, conn: Any) -> None: ...
+
+    def in_transaction(self, conn: Any) -> bool: ...
+
+    def unavailable(self, err: BaseException) -> str | None:
+        """Why this error means the store cannot be used now (-> StoreUnavailable), or None."""
+        ...
+
+    def lost(self, conn: Any, err: BaseException) -> Any:
+        """After `err`, the connection to use next (the same, or a new one)."""
+        ...
+
+    def close(self, conn: Any) -> None: ...
+
+
+class _Op:
+    """One store call waiting for the engine thread."""
+
+    __slots__ = ("fn", "write", "future", "loop")
+
+    def __init__(self, fn: Callable[[Tx], Any], write: bool, loop: asyncio.AbstractEventLoop):
+        self.fn = fn
+        self.write = write
+        self.loop = loop
+        self.future: asyncio.Future[Any] = loop.create_future()
+
+    def settle(self, result: Any = None, error: BaseException | None = None) -> None:
+        def apply() -> None:
+            if self.future.done():  # the caller was cancelled
+                return
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(result)
+
+        self.loop.call_soon_threadsafe(apply)
+
+
+_STOP = object()
+
+
+class Engine:
+    """Runs store calls on one thread, batched into shared transactions."""
+
+    def __init__(self, backend: Backend, name: str = "store", shard: str = "") -> None:
+        self.backend = backend
+        self.name = name
+        self.shard = shard
+        self.commits = 0  # transactions committed (for the benchmark)
+        self._queue: queue.SimpleQueue[_Op | object] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._conn: Any = None
+
+    def start(self, conn: Any) -> None:
+        """Start the thread on an open connection."""
+        self._conn = conn
+        self._thread = threading.Thread(target=self._serve, name=self.name, daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        if self._thread is not None:
+            self._queue.put(_STOP)
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+        if self._conn is not None:
+            self.backend.close(self._conn)
+            self._conn = None
+
+    async def run(self, fn: Callable[[Tx], T], write: bool) -> T:
+        """Run `fn` in the engine thread (in the shared transaction when `write`);
+        return once committed. Driver errors that mean "not now" raise StoreUnavailable."""
+        if self._thread is None:
+            raise StoreUnavailable("store is not open")
+        op = _Op(fn, write, asyncio.get_running_loop())
+        self._queue.put(op)
+        try:
+            result: T = await op.future
+        except StoreUnavailable:
+            raise
+        except Exception as err:
+            why = self.backend.unavailable(err)
+            if why is not None:
+                raise StoreUnavailable(why) from err
+            raise
+        return result
+
+    # -- the thread --------------------------------------------------------
+
+    def _serve(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is _STOP:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < MAX_BATCH:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is _STOP:
+                    stop = True
+                    break
+                batch.append(nxt)
+            ops = [op for op in batch if isinstance(op, _Op)]
+            try:
+                self._run_batch(ops)
+            except BaseException as err:  # never let the thread die: answer and go on
+                log.exception("store: batch failed")
+                for op in ops:
+                    op.settle(error=err)
+            if stop:
+                return
+
+    def _fail(self, ops: Iterable[_Op], err: BaseException) -> None:
+        for op in ops:
+            op.settle(error=err)
+        if self.backend.unavailable(err) is not None:
+            self._conn = self.backend.lost(self._conn, err)
+
+    def _run_batch(self, batch: list[_Op]) -> None:
+        backend = self.backend
+        tx = Tx(self._conn, backend.dialect, self.shard)
+        if not any(op.write for op in batch):
+            for op in batch:
+                try:
+                    op.settle(op.fn(tx))
+                except BaseException as err:
+                    self._fail([op], err)
+                    tx = Tx(self._conn, backend.dialect, self.shard)
+            return
+        try:
+            backend.begin(self._conn)
+        except Exception as err:  # locked past the busy timeout, server gone...
+            self._fail(batch, err)
+            return
+        conn = self._conn
+        tx = Tx(conn, backend.dialect, self.shard)
+        done: list[tuple[_Op, Any, BaseException | None]] = []
+        for i, op in enumerate(batch):
+            try:
+                conn.execute("SAVEPOINT op")
+            except Exception as err:
+                self._rollback(conn)
+                self._fail([o for o, _, _ in done] + batch[i:], err)
+                return
+            try:
+                result = op.fn(tx)
+                conn.execute("RELEASE SAVEPOINT op")
+                done.append((op, result, None))
+            except BaseException as err:
+                if not backend.in_transaction(conn) or backend.unavailable(err) is not None:
+                    # The whole transaction is gone (SQLITE_FULL, IOERR; a lost
+                    # PostgreSQL connection): nothing of this batch was kept.
+                    self._rollback(conn)
+                    self._fail([o for o, _, _ in done] + batch[i:], err)
+                    return
+                try:
+                    conn.execute("ROLLBACK TO SAVEPOINT op")
+                    conn.execute("RELEASE SAVEPOINT op")
+                except Exception as rollback_err:
+                    self._rollback(conn)
+                    self._fail([o for o, _, _ in done] + batch[i:], rollback_err)
+                    return
+                done.append((op, None, err))
+        try:
+            backend.commit(conn)
+            self.commits += 1
+        except Exception as err:
+            self._rollback(conn)
+            self._fail([op for op, _, _ in done], err)
+            return
+        for op, result, error in done:
+            op.settle(result, error)
+
+    def _rollback(self, conn: Any) -> None:
+        try:
+            if self.backend.in_transaction(conn):
+                self.backend.rollback(conn)
+        except Exception as err:
+            log.error("store: rollback failed: %s", err)
