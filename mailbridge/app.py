@@ -124,7 +124,7 @@ def build_send_side(
     configs = provider_configs(config)
     providers = {name: build_provider(name, pc, http) for name, pc in configs.items()}
     sink = make_sink(config.reports, store.instance_id)
-    mailer = Mailer(store, sink, ReportRenderer(), config.reports, clock)
+    mailer = Mailer(store, sink, ReportRenderer(), config.reports, clock, config.dispatch.lease_s)
     feedback = FeedbackStage(store, feedback_rules(config), clock, config.dispatch.linger_s)
     dispatcher = Dispatcher(
         store,

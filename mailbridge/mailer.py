@@ -176,12 +176,16 @@ class Mailer:
         renderer: ReportRenderer,
         config: ReportsConfig,
         clock: Clock,
+        lease_s: float = LEASE_S,
     ) -> None:
         self.store = store
         self.sink = sink
         self.renderer = renderer
         self.config = config
         self.clock = clock
+        # A report claimed by a process that dies is delivered by another after
+        # this (dispatch.lease_s: the same bound as for requests).
+        self.lease_s = lease_s
 
     def _backoff(self, attempts: int) -> float:
         base = self.config.retry_backoff_s * (2 ** min(attempts, 20))
@@ -244,7 +248,7 @@ class Mailer:
                 return done
 
         while True:
-            jobs = await self.store.claim_reports(self.clock.time(), CLAIM_BATCH, LEASE_S)
+            jobs = await self.store.claim_reports(self.clock.time(), CLAIM_BATCH, self.lease_s)
             if not jobs:
                 return delivered
             by_request: dict[int, list[ReportJob]] = defaultdict(list)
@@ -260,7 +264,7 @@ class Mailer:
                 if isinstance(outcome, StoreUnavailable):
                     raise outcome
                 if isinstance(outcome, BaseException):
-                    # Its claim lapses after LEASE_S and it is tried again.
+                    # Its claim lapses after lease_s and it is tried again.
                     log.error("reports: unexpected error: %r", outcome)
                 else:
                     delivered += outcome

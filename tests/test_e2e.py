@@ -40,10 +40,15 @@ GOLDEN = Path(__file__).parent / "golden"
 LIMIT = 1_000_000  # smtp.max_message_bytes in tests.support.config_dict
 
 
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def daemon(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[DaemonProcess]:
+    """The daemon on each store backend: the whole module runs on both."""
     tmp = tmp_path_factory.mktemp("e2e")
     cfg = config_dict(tmp, blacklist=["0600000000"], report_domains=["client.test"])
+    if request.param == "postgresql":
+        cfg["store"] = {"postgresql": request.getfixturevalue("pg_cluster").new_database()}
     proc = DaemonProcess(tmp, cfg).start()
     yield proc
     proc.stop()

@@ -4,15 +4,11 @@ etatDlr mails grouped per request, reply mails, the STOP blacklist."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
 import pytest
 
 from mailbridge.feedback import EVENT_MAX_AGE_S, FeedbackRules, event_retry_delay, is_stop
 from mailbridge.model import DeliveryEvent, RecipientDraft, RecipientResult, ReplyEvent
 from mailbridge.store.sqlstore import SqlStore
-from mailbridge.store.sqlite import SqliteStore
 from tests.test_store import NOW, new_request
 
 RULES = FeedbackRules(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -12,8 +11,8 @@ import pytest
 from mailbridge.model import NewRequest, RecipientDraft, RecipientResult
 from mailbridge.store import StoreUnavailable
 from mailbridge.store.queue import runs as _runs
-from mailbridge.store.sqlstore import SqlStore
 from mailbridge.store.sqlite import SCHEMA, SCHEMA_VERSION, SqliteStore
+from mailbridge.store.sqlstore import SqlStore
 
 NOW = 1_800_000_000.0
 
