@@ -49,8 +49,8 @@ class CircuitBreaker:
 
     After `threshold` calls in a row that failed transiently the circuit opens:
     for `cooldown_s` the provider is skipped (its recipients fail over at once,
-    or wait when it is their last provider). Then one call is let through; a
-    success closes the circuit, a failure opens it again.
+    or wait when it is their last provider). Then it is half-open: one call is
+    let through (`probe`); a success closes the circuit, a failure opens it again.
     """
 
     threshold: int
@@ -60,6 +60,16 @@ class CircuitBreaker:
 
     def allows(self, now: float) -> bool:
         return now >= self.open_until
+
+    def half_open(self, now: float) -> bool:
+        """The cool-down is over: the next call is the probe."""
+        return self.failures >= self.threshold and now >= self.open_until
+
+    def probe(self, now: float) -> None:
+        """One call goes to test the provider: while it is out the circuit reads as
+        open again, so no other batch calls too; its `record` closes or re-opens it
+        (and a probe that never answers leaves the circuit open one more cool-down)."""
+        self.open_until = now + self.cooldown_s
 
     def record(self, ok: bool, now: float) -> bool:
         """Count one call; True when this call opened the circuit."""
@@ -293,6 +303,8 @@ class Dispatcher:
         final: list[RecipientResult] = []
         groups: dict[str, list[_Item]] = defaultdict(list)
         stopped = await self._stop_listed(claims, pending)
+        # Half-open providers this page probes -> room left in the probe call.
+        probing: dict[str, int] = {}
         for rcpt in pending:
             claimed = claims[rcpt.request_id]
             if (claimed.account, rcpt.number) in stopped:
@@ -310,7 +322,29 @@ class Dispatcher:
                 continue
             name = route[rcpt.provider_index]
             breaker = self.breakers[name]
-            if not breaker.allows(now):
+            if name in probing:
+                if probing[name] == 0:
+                    # One call only while half-open: the rest wait for its answer,
+                    # which process() reads at once (due now) after this page.
+                    wait = f"{name}: waiting for the probe of its circuit"
+                    final.append(
+                        RecipientResult(
+                            rcpt.request_id,
+                            rcpt.idx,
+                            None,
+                            name,
+                            detail=wait,
+                            due_at=now,
+                            provider_index=rcpt.provider_index,
+                            attempts=rcpt.attempts,
+                        )
+                    )
+                    continue
+                probing[name] -= 1
+            elif breaker.half_open(now):
+                breaker.probe(now)
+                probing[name] = self.providers[name].max_batch - 1
+            elif not breaker.allows(now):
                 # Skipped without an attempt: the next provider at once, or wait.
                 last = rcpt.provider_index + 1 >= len(route)
                 final.append(
