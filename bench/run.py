@@ -156,9 +156,10 @@ def start_daemon(
     sink_port: int,
     synchronous: str,
     http: dict[str, Any] | None = None,
+    store: dict[str, Any] | None = None,
 ) -> Proc:
     """The daemon on the benchmark's peers; with `http`, its receiver too
-    (`proc.http_port`)."""
+    (`proc.http_port`); `store`: another store section (PostgreSQL)."""
     config: dict[str, Any] = {
         "smtp": {"listen": "127.0.0.1:0", "recipients": [INTAKE], "max_message_bytes": 20_000_000},
         "store": {"sqlite": str(tmp / "mailbridge.db"), "synchronous": synchronous},
@@ -188,6 +189,8 @@ def start_daemon(
     }
     if http is not None:
         config["http"] = http
+    if store is not None:
+        config["store"] = store
     tmp.mkdir(parents=True, exist_ok=True)
     path = tmp / "config.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -229,11 +229,31 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_store_copy(args: argparse.Namespace) -> int:
+    """Move to several instances: the SQLite store, copied whole (the daemon stopped)."""
+    from mailbridge.store import StoreUnavailable
+    from mailbridge.store.copy import copy_store
+
+    config = _load(args.config)
+    if config.store.sqlite is None:
+        print("store-copy: the configuration's store is not SQLite", file=sys.stderr)
+        return 2
+    try:
+        counts = asyncio.run(copy_store(config.store.sqlite, args.to))
+    except StoreUnavailable as err:
+        print(f"store-copy: {err}", file=sys.stderr)
+        return 1
+    for table, n in counts.items():
+        print(f"{table}: {n} row(s)")
+    print("done: set store.postgresql to this URL (remove store.sqlite) and start the instances")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mailbridge", description=__doc__.splitlines()[0])
     # The metavar lists the public commands only: `_worker` is not for operators.
     sub = parser.add_subparsers(
-        dest="command", required=True, metavar="{serve,check-config,send,status}"
+        dest="command", required=True, metavar="{serve,check-config,send,status,store-copy}"
     )
 
     def add(name: str, help: str) -> argparse.ArgumentParser:
@@ -266,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     status = add("status", "queue counts by state and the last errors")
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
+    copy = add("store-copy", "copy this config's SQLite store into an empty PostgreSQL database")
+    copy.add_argument("--to", required=True, help="postgresql://user:password@host/database")
+    copy.set_defaults(func=cmd_store_copy)
     # No help= : argparse then leaves it out of --help.
     hidden = sub.add_parser(WORKER_COMMAND)
     hidden.add_argument("parent", type=int, help="the daemon's pid")

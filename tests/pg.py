@@ -34,7 +34,7 @@ def _free_port() -> int:
 
 
 class PgCluster:
-    def __init__(self, directory: Path | None = None) -> None:
+    def __init__(self, directory: Path | None = None, *, fsync: bool = False) -> None:
         bin_dir = pg_bin()
         if bin_dir is None:
             raise RuntimeError("PostgreSQL is not installed (scripts/test.sh installs it)")
@@ -46,6 +46,7 @@ class PgCluster:
         self.port = _free_port()
         self.as_postgres = os.geteuid() == 0
         self.log = self.dir / "pg.log"
+        self.fsync = fsync  # off for tests; on for benchmarks (a commit then costs its fsync)
 
     def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         command = [str(self.bin / args[0]), *args[1:]]
@@ -69,7 +70,8 @@ class PgCluster:
         if not self.data.exists():
             self.init()
         options = (
-            f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+            f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1"
+            f" -c fsync={'on' if self.fsync else 'off'}"
             " -c max_connections=200 -c shared_buffers=64MB"
         )
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "start")
