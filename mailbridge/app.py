@@ -180,7 +180,14 @@ async def run_senders(
     stopping: asyncio.Event,
 ) -> None:
     """Build the send side, run it until `stopping`, close it."""
-    side = build_send_side(config, store, clock, on_done=reports.set)
+
+    def done() -> None:
+        # A finished request has its Not due, and maybe its etatDlr: delivery
+        # reports that came before their message id was recorded are due now too.
+        reports.set()
+        events.set()
+
+    side = build_send_side(config, store, clock, on_done=done)
     try:
         await side.run(work, reports, events, stopping)
     finally:
