@@ -185,15 +185,17 @@ def _find_recipient(
 
 
 def _apply_delivery(
-    db: sqlite3.Connection, request_id: int, idx: int, status: str, text: str, at: float
-) -> None:
+    db: sqlite3.Connection, request_id: int, idx: int, status: str, text: str, at: float,
+    now: float,
+) -> None:  # fmt: skip
+    """`at`: the provider's time of the status (the etatDlr date); `now`: ours."""
     db.execute(
         "UPDATE recipients SET dlr_status = ?, dlr_text = ?, dlr_at = ? WHERE request_id = ?"
         f" AND idx = ? AND (dlr_status IS NULL OR dlr_status NOT IN ({_FINALS}))",
         (status, text, at, request_id, idx),
     )
     if is_final(status):
-        _mark_ready_if_all_final(db, request_id, at)
+        _mark_ready_if_all_final(db, request_id, now)
 
 
 def _mark_ready_if_all_final(db: sqlite3.Connection, request_id: int, now: float) -> None:
@@ -261,7 +263,7 @@ def process_events(
         )
         done.matched += 1
         if kind == "dlr":
-            _apply_delivery(db, request_id, idx, status, text, occurred or received)
+            _apply_delivery(db, request_id, idx, status, text, occurred or received, now)
         else:
             _apply_reply(db, rules, eid, number, text, request_id, now, done)
     return done
