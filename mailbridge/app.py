@@ -184,7 +184,14 @@ async def run_senders(
 ) -> None:
     """Build the send side, run it until `stopping`, close it; `beat_as`: its
     heartbeat's name."""
-    side = build_send_side(config, store, clock, on_done=reports.set)
+
+    def done() -> None:
+        # A finished request has its Not due, and maybe its etatDlr: delivery
+        # reports that came before their message id was recorded are due now too.
+        reports.set()
+        events.set()
+
+    side = build_send_side(config, store, clock, on_done=done)
     side.heartbeat_as = beat_as
     try:
         await side.run(work, reports, events, stopping)

@@ -19,6 +19,18 @@ Usage::
         fake.release()                    # ... then are processed normally (CM got them)
         fake.accepted_count("+33601020304")  # SMS accepted for a number (+E.164 or 00 form)
         fake.sent                         # list[SentSms], every accepted SMS in order
+
+Status reports (seed 000 "Rapport d'état webhook"): CM calls the webhook URL configured in
+its console with a GET whose query names the message by the REFERENCE it was sent with and
+the recipient's number::
+
+        fake.callback_url = daemon_url + "/hooks/<token>/cm"
+        fake.deliver("+33601020304", status=2)   # GET for the last SMS to that number -> 200?
+        query = fake.status_report("+33601020304", status=3, text="Absent subscriber")
+        fake.send_report(query)               # the same report can be sent again (CM retries)
+        fake.auto_status = 2                  # every accepted SMS gets that report at once,
+                                              # from a thread (it may beat CM's own answer)
+        fake.reports                          # [(query, HTTP status)] of every report sent
 """
 
 from __future__ import annotations
@@ -28,14 +40,18 @@ import re
 import threading
 from collections import Counter
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import gsm0338  # noqa: F401  (registers the "gsm03.38" codec)
 
-from tests.httpfake import RecordedRequest, Reply
+from tests.httpfake import RecordedRequest, Reply, call_back
 
 _SENDER_OK = re.compile(r"^(?:[A-Za-z0-9 ]{1,11}|\+?[0-9]{1,16})$")
 _REFERENCE_OK = re.compile(r"^[A-Za-z0-9_]{1,32}$")
+# STATUS of a status report -> its STATUSDESCRIPTION, and a STANDARDERRORTEXT for failures.
+STATUS_DESCRIPTIONS = {0: "Accepted", 1: "Rejected", 2: "Delivered", 3: "Failed"}
+ERROR_TEXTS = {1: "Rejected by the operator", 3: "Absent subscriber"}
 
 
 @dataclass(frozen=True)
@@ -48,6 +64,7 @@ class SentSms:
     dcs: int
     reference: str | None
     parts: int
+    id: int = 0  # CM's id of the message (ID in its status reports)
 
 
 def _lower(obj: Any) -> Any:
@@ -87,6 +104,10 @@ class FakeCm:
         self._gate = threading.Event()
         self._gate.set()
         self._lock = threading.Lock()
+        self._next_id = 778800
+        self.callback_url: str | None = None
+        self.auto_status: int | None = None
+        self.reports: list[tuple[dict[str, str], int]] = []
 
     # --- knobs -------------------------------------------------------------------------
     def reject(self, number: str, code: int = 303, details: str | None = None) -> None:
@@ -110,6 +131,62 @@ class FakeCm:
         """How many SMS were accepted for this number (+E.164 or 00 form)."""
         with self._lock:
             return self._accepted[_plus(number)]
+
+    # --- status reports (CM -> its client's webhook) -------------------------------------
+    def last_sent(self, number: str) -> SentSms:
+        """The last SMS accepted for this number (+E.164 or 00 form)."""
+        with self._lock:
+            found = [s for s in self.sent if _plus(s.number) == _plus(number)]
+        if not found:
+            raise LookupError(f"CM accepted no SMS for {number}")
+        return found[-1]
+
+    def status_report(
+        self,
+        number: str,
+        status: int = 2,
+        *,
+        text: str | None = None,
+        at: datetime | None = None,
+        sms: SentSms | None = None,
+    ) -> dict[str, str]:
+        """The query of a status report for the last SMS to `number` (or `sms`): STATUS
+        0 accepted by the operator, 1 rejected, 2 delivered, 3 failed; times in UTC."""
+        sms = sms or self.last_sent(number)
+        when = (at or datetime.now(UTC)).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        error = ERROR_TEXTS.get(status, "") if text is None else text
+        return {
+            "CREATED_S": when,
+            "DATETIME_S": when,
+            "GSM": sms.number,
+            "REFERENCE": sms.reference or "",
+            "STATUS": str(status),
+            "STATUSDESCRIPTION": STATUS_DESCRIPTIONS.get(status, "Unknown"),
+            "STANDARDERRORTEXT": error,
+            "ID": str(sms.id),
+            "OPERATOR": "20801",
+            "RECIPIENT": sms.number,
+            "STATUSISSUCCESS": "1" if status in (0, 2) else "0",
+        }
+
+    def send_report(self, query: dict[str, str]) -> int:
+        """GET the webhook with this report's query; the HTTP status it answered."""
+        if self.callback_url is None:
+            raise RuntimeError("FakeCm.callback_url is not set")
+        status = call_back("GET", self.callback_url, params=query)
+        with self._lock:
+            self.reports.append((query, status))
+        return status
+
+    def deliver(
+        self, number: str, status: int = 2, *, text: str | None = None, at: datetime | None = None
+    ) -> int:
+        """Send a status report for the last SMS to `number`; the HTTP status."""
+        return self.send_report(self.status_report(number, status, text=text, at=at))
+
+    def _auto_reports(self, accepted: list[SentSms], status: int) -> None:
+        for sms in accepted:
+            self.send_report(self.status_report(sms.number, status, sms=sms))
 
     # --- the API -------------------------------------------------------------------------
     def __call__(self, req: RecordedRequest) -> Reply:
@@ -138,12 +215,17 @@ class FakeCm:
         msgs = messages.get("msg")
         if not isinstance(msgs, list) or not msgs:
             return _answer(400, "A MESSAGES object requires at least one MSG object", 203, [])
-        lines = [line for msg in msgs for line in self._msg(msg)]
+        accepted: list[SentSms] = []
+        lines = [line for msg in msgs for line in self._msg(msg, accepted)]
+        if self.auto_status is not None and accepted and self.callback_url is not None:
+            threading.Thread(
+                target=self._auto_reports, args=(accepted, self.auto_status), daemon=True
+            ).start()
         created = sum(1 for line in lines if line["status"] == "Accepted")
         error = 0 if created == len(lines) else 201
         return _answer(200 if created else 400, f"Created {created} message(s)", error, lines)
 
-    def _msg(self, msg: Any) -> list[dict[str, Any]]:
+    def _msg(self, msg: Any, accepted: list[SentSms]) -> list[dict[str, Any]]:
         if not isinstance(msg, dict) or not isinstance(msg.get("to"), list):
             return [_line("", None, 302, "The to object is an invalid type, must be an array")]
         reference = msg.get("reference")
@@ -175,8 +257,11 @@ class FakeCm:
                 assert isinstance(content, str) and isinstance(sender, str)
                 parts = count_parts(content, dcs)
                 with self._lock:
+                    self._next_id += 1
+                    sms = SentSms(number, sender, content, dcs, reference, parts, self._next_id)
                     self._accepted[_plus(number)] += 1
-                    self.sent.append(SentSms(number, sender, content, dcs, reference, parts))
+                    self.sent.append(sms)
+                accepted.append(sms)
                 lines.append(_line(number, reference, 0, None, parts))
         return lines
 

@@ -33,18 +33,35 @@ Knobs (set before or between requests; thread-safe enough for tests):
 Read back: `accepted` (Counter: recipient `77…` -> SMS accepted), `count(number)`,
 `total`, `messages` (client_message_id -> stored record), and the server's
 `requests`.
+
+Reports (seed 003 "Получение отчетов (DR)"): SMSGW POSTs JSON to the client's URL
+(`callback_url`) and expects 204 (or 200/201 "OK"):
+- `deliver(number, status="DELIVERED")`: `{"delivery_report": [...]}` for the last
+  message to `number`, naming it by its client_message_id; `delivery_report(...)` builds
+  one entry and `post_reports(entries)` sends several in one request (as SMSGW batches
+  them), or the same ones again;
+- `send_reply(number, text)`: `{"incoming_report": [...]}` from `number` to our short code;
+- a report sent while `delay_s` holds the answer is one that comes before the client
+  knows the message was accepted;
+- `reports`: `(body, HTTP status)` of each request sent.
+Times are SMSGW's local time (Asia/Almaty).
 """
 
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import re
 import threading
 from collections import Counter
+from datetime import datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
-from tests.httpfake import RecordedRequest, Reply
+from tests.httpfake import RecordedRequest, Reply, call_back
+
+ALMATY = ZoneInfo("Asia/Almaty")
 
 BASE = "/app/smsgw/rest/v2"
 DUPLICATE_TEXT = "Duplicate client_message_id, should be unique for each message."
@@ -97,6 +114,9 @@ class FakeKcell:
         self._released = threading.Event()
         self._lock = threading.Lock()
         self._next_id = 5916504900
+        self.callback_url: str | None = None
+        self.reports: list[tuple[dict[str, Any], int]] = []
+        self._mo_ids = itertools.count(456795)
 
     # -- knobs ---------------------------------------------------------------
 
@@ -121,6 +141,79 @@ class FakeKcell:
     def total(self) -> int:
         """SMS accepted in all."""
         return sum(self.accepted.values())
+
+    # -- reports (SMSGW -> the client's URL) ---------------------------------
+
+    def last_message(self, number: str) -> dict[str, Any]:
+        """The record of the last message accepted for `number` (+77… or 77…)."""
+        recipient = number.removeprefix("+")
+        with self._lock:
+            found = [
+                m for m in self.messages.values()
+                if m.get("recipient") == recipient and m["message_status"] != "UNDELIVERABLE"
+            ]  # fmt: skip
+        if not found:
+            raise LookupError(f"SMSGW accepted no message for {number}")
+        return found[-1]
+
+    def delivery_report(
+        self,
+        number: str,
+        status: str = "DELIVERED",
+        *,
+        error_code: str = "",
+        error_message: str = "",
+        at: datetime | None = None,
+    ) -> dict[str, Any]:
+        """One `delivery_report` entry for the last message to `number`."""
+        record = self.last_message(number)
+        when = (at or datetime.now(ALMATY)).astimezone(ALMATY).strftime("%Y-%m-%d %H:%M:%S")
+        return {
+            "client_message_id": record["client_message_id"],
+            "message_id": record["message_id"],
+            "status": status,
+            "error_code": error_code,
+            "error_message": error_message,
+            "segment_count": 1,
+            "init_time": when,
+            "sent_time": when,
+            "sent_confirm_time": when,
+            "status_time": when,
+            "rn_code": "02",
+            "retry_count": "0",
+        }
+
+    def post(self, body: dict[str, Any]) -> int:
+        """POST a report document to `callback_url`; the HTTP status it answered."""
+        if self.callback_url is None:
+            raise RuntimeError("FakeKcell.callback_url is not set")
+        status = call_back("POST", self.callback_url, json_body=body)
+        with self._lock:
+            self.reports.append((body, status))
+        return status
+
+    def post_reports(self, entries: list[dict[str, Any]]) -> int:
+        return self.post({"delivery_report": entries})
+
+    def deliver(self, number: str, status: str = "DELIVERED", **kw: Any) -> int:
+        """Report the last message to `number`; the HTTP status (SMSGW expects 204)."""
+        return self.post_reports([self.delivery_report(number, status, **kw)])
+
+    def send_reply(
+        self, number: str, text: str, *, at: datetime | None = None, short_code: str = "9090"
+    ) -> int:
+        """An incoming (MO) message from `number`; the HTTP status."""
+        when = (at or datetime.now(ALMATY)).astimezone(ALMATY).strftime("%Y-%m-%d %H:%M:%S")
+        entry = {
+            "message_id": next(self._mo_ids),
+            "sender": number.removeprefix("+"),
+            "recipient": short_code,
+            "text": text,
+            "segment_count": 1,
+            "receive_time": when,
+            "rn_code": "02",
+        }
+        return self.post({"incoming_report": [entry]})
 
     # -- the API -------------------------------------------------------------
 

@@ -30,19 +30,37 @@ Records: `accepted` counts accepted SMS per E.164 number (`Counter`, so tests ca
 "every recipient submitted exactly once"); `sms` lists every accepted SMS as a `FakeSms`
 (to, text, sender, ref_client, nbr_msg, unicode, sms_id, endpoint). `wait_accepted(n)`
 blocks until `n` SMS in all were accepted (for answers the client gave up on), no sleeping.
+
+Notifications (seed 002 items 12 and 14), GET requests to the client's server:
+- `send_status(number, statut=11)`: the delivery notification of the last SMS to `number`
+  (`numero, date_reception, statut, smsID, refClient, mcc_mnc`), sent to the
+  `notification_url` that SMS was sent with, else to `callback_url` (None: an error);
+- `send_reply(number, text)`: a reply from `number` (`numero` our short code, `message`,
+  `emetteur`, `date_reception`, `smsID` and `refClient` of its last SMS, `responseID`), sent
+  to the SMS's `notification_url_reponse`, else to `reply_url` (the account setting);
+- `auto_status = 11`: every accepted SMS gets that notification at once, from a thread
+  (it may come before the sendSMS answer reaches the client);
+- `status_query(...)`/`reply_query(...)` build a notification without sending it and
+  `notify(url, query)` sends one (the same notification twice); `notifications` records
+  `(url, query, HTTP status)` of each.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import itertools
 import re
 import threading
 from collections import Counter
 from dataclasses import dataclass
+from datetime import datetime
 from urllib.parse import parse_qs
+from zoneinfo import ZoneInfo
 
-from tests.httpfake import RecordedRequest, Reply
+from tests.httpfake import RecordedRequest, Reply, call_back
+
+PARIS = ZoneInfo("Europe/Paris")  # sMsmode writes its times in French local time
 
 DESCRIPTIONS = {
     0: "Accepté",
@@ -66,6 +84,8 @@ class FakeSms:
     unicode: bool  # classe_msg=9
     sms_id: str  # smsID of a sendSMS.do request, campaign id of an upload
     endpoint: str
+    notification_url: str | None = None  # where its delivery notification goes
+    reply_url: str | None = None  # notification_url_reponse: where replies to it go
 
 
 def _e164(numero: str) -> str | None:
@@ -116,6 +136,11 @@ class FakeSmsmode:
         self._failures: list[tuple[int, int | None]] = []
         self._ids = 0
         self._lock = threading.Condition()
+        self.callback_url: str | None = None
+        self.reply_url: str | None = None
+        self.auto_status: int | None = None
+        self.notifications: list[tuple[str, dict[str, str], int]] = []
+        self._response_ids = itertools.count(1)
 
     def fail_next(self, n: int, status: int = 503, code: int | None = None) -> None:
         """Answer the next `n` API requests with HTTP `status`, or HTTP 200 and `code`."""
@@ -161,15 +186,93 @@ class FakeSmsmode:
             self._ids += 1
             sms_id = f"fake{self._ids:08d}"
             nbr = params.get("nbr_msg")
+            accepted = []
             for to, text, sender, ref in rows:
                 unicode = params.get("classe_msg") == "9"
                 nbr_msg = int(nbr) if nbr and nbr.isdigit() else None
-                self.sms.append(FakeSms(to, text, sender, ref, nbr_msg, unicode, sms_id, endpoint))
+                sms = FakeSms(
+                    to, text, sender, ref, nbr_msg, unicode, sms_id, endpoint,
+                    params.get("notification_url") or None,
+                    params.get("notification_url_reponse") or None,
+                )  # fmt: skip
+                self.sms.append(sms)
+                accepted.append(sms)
                 self.accepted[to] += 1
             self._lock.notify_all()
+        if self.auto_status is not None:
+            threading.Thread(
+                target=self._auto_status, args=(accepted, self.auto_status), daemon=True
+            ).start()
         if self.hold is not None and self.hold_after_accept:
             self.hold.wait(self.hold_timeout)
         return self._answer(0, sms_id)
+
+    # -- notifications (sMsmode -> the client's server) ----------------------------------
+
+    def last_sms(self, number: str) -> FakeSms:
+        """The last SMS accepted for `number` (E.164 with '+')."""
+        with self._lock:
+            found = [s for s in self.sms if s.to == number]
+        if not found:
+            raise LookupError(f"sMsmode accepted no SMS for {number}")
+        return found[-1]
+
+    def status_query(
+        self, number: str, statut: int = 11, *, at: datetime | None = None,
+        sms: FakeSms | None = None,
+    ) -> tuple[str, dict[str, str]]:  # fmt: skip
+        """(url, query) of the delivery notification of the last SMS to `number`."""
+        sms = sms or self.last_sms(number)
+        url = sms.notification_url or self.callback_url
+        if url is None:
+            raise RuntimeError(f"no notification_url for {number} and no callback_url")
+        when = (at or datetime.now(PARIS)).astimezone(PARIS).strftime("%Y-%m-%d %H:%M:%S")
+        query = {
+            "numero": sms.to.removeprefix("+"),
+            "date_reception": when,
+            "statut": str(statut),
+            "smsID": sms.sms_id,
+            "refClient": sms.ref_client or "",
+            "mcc_mnc": "20801",
+        }
+        return url, query
+
+    def reply_query(
+        self, number: str, text: str, *, at: datetime | None = None, short_code: str = "36034"
+    ) -> tuple[str, dict[str, str]]:
+        """(url, query) of a reply from `number` to its last SMS."""
+        sms = self.last_sms(number)
+        url = sms.reply_url or self.reply_url
+        if url is None:
+            raise RuntimeError(f"no notification_url_reponse for {number} and no reply_url")
+        when = (at or datetime.now(PARIS)).astimezone(PARIS).strftime("%d%m%Y-%H%M%S")
+        query = {
+            "numero": short_code,
+            "message": text,
+            "emetteur": number.removeprefix("+"),
+            "date_reception": when,
+            "smsID": sms.sms_id,
+            "refClient": sms.ref_client or "",
+            "responseID": f"resp{next(self._response_ids):06d}",
+        }
+        return url, query
+
+    def notify(self, url: str, query: dict[str, str]) -> int:
+        """GET `url` with the notification's query; the HTTP status it answered."""
+        status = call_back("GET", url, params=query)
+        with self._lock:
+            self.notifications.append((url, query, status))
+        return status
+
+    def send_status(self, number: str, statut: int = 11, *, at: datetime | None = None) -> int:
+        return self.notify(*self.status_query(number, statut, at=at))
+
+    def send_reply(self, number: str, text: str, *, at: datetime | None = None) -> int:
+        return self.notify(*self.reply_query(number, text, at=at))
+
+    def _auto_status(self, accepted: list[FakeSms], statut: int) -> None:
+        for sms in accepted:
+            self.notify(*self.status_query(sms.to, statut, sms=sms))
 
     @staticmethod
     def _decode_text(params: dict[str, str], content_type: str) -> dict[str, str]:
