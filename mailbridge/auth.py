@@ -54,25 +54,15 @@ def session_account(session: Session) -> AccountConfig | None:
     return data if isinstance(data, AccountConfig) else None
 
 
-def auth_config_problems(config: Config) -> list[str]:
-    """Problems of the AUTH setup that no single config section can see."""
-    problems: list[str] = []
-    names: dict[str, int] = {}
-    for i, account in enumerate(config.accounts):
-        if account.smtp_password is None:
-            continue
-        if config.smtp.tls is None:
-            problems.append(
-                f"accounts[{i}].smtp_password: needs smtp.tls (AUTH is only accepted over TLS)"
-            )
-        assert account.name is not None  # AccountConfig requires it with a password
-        if account.name in names:
-            problems.append(
-                f"accounts[{i}].name: {account.name!r} is also the name of "
-                f"accounts[{names[account.name]}]; AUTH user names must be unique"
-            )
-        names.setdefault(account.name, i)
-    return problems
+def find_account(config: Config, keyid: str) -> AccountConfig | None:
+    """The account with this keyid, compared in constant time against every key."""
+    found: AccountConfig | None = None
+    wanted = keyid.encode("utf-8", "surrogateescape")
+    for account in config.accounts:
+        # Compare against all keys so the time taken says nothing about which matched.
+        if hmac.compare_digest(account.keyid.encode("utf-8"), wanted):
+            found = account
+    return found
 
 
 def _host(peer: Any) -> str:

@@ -435,7 +435,18 @@ class AccountConfig(_Model):
     @field_validator("countries")
     @classmethod
     def _countries(cls, v: list[str] | None) -> list[str] | None:
-        return None if v is None else [c.upper() for c in v]
+        import phonenumbers
+
+        if v is None:
+            return None
+        codes = [c.strip().upper() for c in v]
+        unknown = [c for c in codes if c not in phonenumbers.SUPPORTED_REGIONS]
+        if unknown:
+            raise ValueError(
+                f"{', '.join(map(repr, unknown))}: not ISO 3166 region codes phonenumbers knows"
+                " (write FR, GP, RE, KZ…)"
+            )
+        return codes
 
     @field_validator("default_region")
     @classmethod
@@ -548,16 +559,65 @@ def _cross_section_problems(config: Config) -> list[str]:
         if acc.keyid in seen:
             problems.append(f"accounts[{i}].keyid: same keyid as accounts[{seen[acc.keyid]}]")
         seen[acc.keyid] = i
-        names = [acc.provider] if acc.provider else []
-        for route in acc.routes or []:
-            names.extend(route.providers)
-        for name in names:
+        names = [(f"accounts[{i}].provider", acc.provider)] if acc.provider else []
+        for j, route in enumerate(acc.routes or []):
+            names += [(f"accounts[{i}].routes[{j}].providers", n) for n in route.providers]
+        for key, name in names:
             if name not in config.providers:
-                problems.append(f"accounts[{i}]: provider {name!r} is not defined under providers")
-    problems += _plain_problems(config)
-    from mailbridge.auth import auth_config_problems  # auth imports this module
+                defined = ", ".join(config.providers)
+                problems.append(f"{key}: {name!r} is not defined under providers ({defined})")
+    return problems + _plain_problems(config) + _auth_problems(config) + _cancelling(config)
 
-    return problems + auth_config_problems(config)
+
+def _auth_problems(config: Config) -> list[str]:
+    """Problems of the AUTH setup that no single config section can see."""
+    problems: list[str] = []
+    names: dict[str, int] = {}
+    for i, account in enumerate(config.accounts):
+        if account.smtp_password is None:
+            continue
+        if config.smtp.tls is None:
+            problems.append(
+                f"accounts[{i}].smtp_password: needs smtp.tls (AUTH is only accepted over TLS)"
+            )
+        assert account.name is not None  # AccountConfig requires it with a password
+        if account.name in names:
+            problems.append(
+                f"accounts[{i}].name: {account.name!r} is also the name of "
+                f"accounts[{names[account.name]}]; AUTH user names must be unique"
+            )
+        names.setdefault(account.name, i)
+    return problems
+
+
+def _cancelling(config: Config) -> list[str]:
+    """Settings that are each valid but together defeat their purpose."""
+    problems: list[str] = []
+    d = config.dispatch
+    for name, pc in config.providers.items():
+        key = f"providers.{name}"
+        if pc.retry_attempts < pc.circuit_failures:
+            problems.append(
+                f"{key}.circuit_failures: {pc.circuit_failures} is more than retry_attempts"
+                f" {pc.retry_attempts}: the failures of one request never open the circuit"
+            )
+    if d.heartbeat_stale_s <= 2 * d.heartbeat_s:
+        problems.append(
+            f"dispatch.heartbeat_stale_s: {d.heartbeat_stale_s:g} is not above twice heartbeat_s"
+            f" {d.heartbeat_s:g}: /healthz would say 503 between two beats"
+        )
+    r = config.reports
+    if r.retry_max_backoff_s < r.retry_backoff_s:
+        problems.append(
+            f"reports.retry_max_backoff_s: {r.retry_max_backoff_s:g} is below retry_backoff_s"
+            f" {r.retry_backoff_s:g}"
+        )
+    if r.delivery_report_max_age < r.delivery_report_delay:
+        problems.append(
+            f"reports.delivery_report_max_age: {r.delivery_report_max_age:g} is below"
+            f" delivery_report_delay {r.delivery_report_delay:g}: no etatDlr could ever be late"
+        )
+    return problems
 
 
 def _plain_problems(config: Config) -> list[str]:
@@ -659,24 +719,13 @@ def parse_config(data: Any, *, base_dir: Path, source: str = "config") -> Config
 def load_config(path: Path) -> Config:
     """Read and validate a config file; raise ConfigError naming every bad key."""
     try:
-        text = path.read_text(encoding="utf-8")
+        # A file object, so that YAML errors name the file ("in 'config.yaml', line 3").
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
     except OSError as err:
         raise ConfigError(str(path), [f"(file): cannot read: {err.strerror}"]) from None
-    try:
-        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError(str(path), [f"(yaml): {err}"]) from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(str(path), [f"(file): not UTF-8 ({err.reason})"]) from None
     return parse_config(data, base_dir=path.resolve().parent, source=str(path))
-
-
-def find_account(config: Config, keyid: str) -> AccountConfig | None:
-    """The account with this keyid, compared in constant time against every key."""
-    import hmac
-
-    found: AccountConfig | None = None
-    wanted = keyid.encode("utf-8", "surrogateescape")
-    for account in config.accounts:
-        # Compare against all keys so the time taken says nothing about which matched.
-        if hmac.compare_digest(account.keyid.encode("utf-8"), wanted):
-            found = account
-    return found

@@ -39,11 +39,11 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
 
-from mailbridge.auth import Authenticator, IntakeSession, session_account
+from mailbridge.auth import Authenticator, IntakeSession, find_account, session_account
 from mailbridge.checks import AccountRules, CheckedRequest, check_request
 from mailbridge.clock import Clock
 from mailbridge.codes import Ack
-from mailbridge.config import AccountConfig, Config, find_account
+from mailbridge.config import AccountConfig, Config
 from mailbridge.envoi import Envoi, parse_envoi
 from mailbridge.limits import ConnectionGate, IntakeLimits, RateLimiter, client_key
 from mailbridge.mime import BARE_ADDRESS, MailContent, parse_address, read_mail

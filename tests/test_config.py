@@ -49,7 +49,49 @@ def test_references_between_sections(tmp_path: Path) -> None:
     raw = config_dict(tmp_path, provider="nope")
     with pytest.raises(ConfigError) as err:
         parse_config(raw, base_dir=tmp_path)
-    assert "accounts[0]: provider 'nope' is not defined under providers" in err.value.problems[0]
+    assert err.value.problems == [
+        "accounts[0].provider: 'nope' is not defined under providers (outbox)"
+    ]
+    raw = config_dict(tmp_path, provider=None, routes=[{"prefix": "+7", "providers": ["x"]}])
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw, base_dir=tmp_path)
+    assert err.value.problems == [
+        "accounts[0].routes[0].providers: 'x' is not defined under providers (outbox)"
+    ]
+
+
+def test_country_names_are_not_iso_codes(tmp_path: Path) -> None:
+    """`countries: [France]` would give every number code 27: refused at start."""
+    raw = config_dict(tmp_path, countries=["France", "re", "KZ"])
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw, base_dir=tmp_path)
+    (problem,) = err.value.problems
+    assert problem.startswith("accounts[0].countries: 'FRANCE': not ISO 3166 region codes")
+    raw = config_dict(tmp_path, countries=["fr", "re", "KZ"])
+    assert parse_config(raw, base_dir=tmp_path).accounts[0].countries == ["FR", "RE", "KZ"]
+
+
+def test_settings_that_cancel_each_other(tmp_path: Path) -> None:
+    raw = config_dict(tmp_path)
+    raw["providers"]["outbox"].update(retry_attempts=2, circuit_failures=5, timeout_s=200)
+    raw["dispatch"].update(lease_s=300, heartbeat_s=10, heartbeat_stale_s=15)
+    raw["reports"].update(retry_backoff_s=60, retry_max_backoff_s=30)
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw, base_dir=tmp_path)
+    keys = [p.split(":", 1)[0] for p in err.value.problems]
+    assert keys == [
+        "providers.outbox.circuit_failures",
+        "dispatch.heartbeat_stale_s",
+        "reports.retry_max_backoff_s",
+    ], err.value.problems
+
+
+def test_yaml_errors_name_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "mailbridge.yaml"
+    path.write_text("smtp:\n  listen: [unclosed\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert 'in "' + str(path) + '", line' in err.value.problems[0]
 
 
 def test_environment_variables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

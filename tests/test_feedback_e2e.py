@@ -656,7 +656,9 @@ def test_healthz_503_while_the_worker_is_stopped(watched: Watched) -> None:
     pid = int(match.group(1))
     with read_store(watched.tmp) as db:
         beat = wait_for(
-            lambda: db.execute("SELECT pid FROM heartbeats WHERE process LIKE 'worker:%'").fetchone(),
+            lambda: db.execute(
+                "SELECT pid FROM heartbeats WHERE process LIKE 'worker:%'"
+            ).fetchone(),
             what="a heartbeat",
         )
     assert beat == (pid,)

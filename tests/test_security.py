@@ -30,9 +30,9 @@ import pytest
 
 import mailbridge.intake
 from mailbridge.app import Daemon, build_rules
-from mailbridge.auth import Authenticator
+from mailbridge.auth import Authenticator, find_account
 from mailbridge.clock import FakeClock, SystemClock
-from mailbridge.config import ConfigError, find_account, parse_config
+from mailbridge.config import ConfigError, parse_config
 from mailbridge.intake import IntakeHandler, _ip_allowed
 from mailbridge.limits import ConnectionGate, RateLimiter, client_key
 from tests.support import (

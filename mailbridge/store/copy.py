@@ -86,9 +86,7 @@ def _copy(source: Path, dest: str) -> dict[str, int]:
     return counts
 
 
-def _common_columns(
-    src: sqlite3.Connection, pg: psycopg.Connection[Any], table: str
-) -> list[str]:
+def _common_columns(src: sqlite3.Connection, pg: psycopg.Connection[Any], table: str) -> list[str]:
     mine = [str(r[1]) for r in src.execute(f"PRAGMA table_info({table})")]
     theirs = {
         str(r[0])
