@@ -594,12 +594,17 @@ def _cancelling(config: Config) -> list[str]:
     """Settings that are each valid but together defeat their purpose."""
     problems: list[str] = []
     d = config.dispatch
+    # The outage hold waits for the circuit of a route's last provider: if one
+    # request's retries can never open it, a lone request is never held.
+    last = {a.provider for a in config.accounts if a.provider}
+    last |= {r.providers[-1] for a in config.accounts for r in a.routes or []}
     for name, pc in config.providers.items():
-        key = f"providers.{name}"
-        if pc.retry_attempts < pc.circuit_failures:
+        if d.outage_hold_s > 0 and name in last and pc.retry_attempts < pc.circuit_failures:
             problems.append(
-                f"{key}.circuit_failures: {pc.circuit_failures} is more than retry_attempts"
-                f" {pc.retry_attempts}: the failures of one request never open the circuit"
+                f"providers.{name}.circuit_failures: {pc.circuit_failures} is more than"
+                f" retry_attempts {pc.retry_attempts}: one request's failures never open the"
+                " circuit, so dispatch.outage_hold_s never holds it (lower circuit_failures,"
+                " or set outage_hold_s: 0)"
             )
     if d.heartbeat_stale_s <= 2 * d.heartbeat_s:
         problems.append(

@@ -205,13 +205,20 @@ class DaemonProcess:
             env=env,
         )
         log.close()
-        sock.settimeout(timeout)
+        sock.settimeout(0.5)
+        deadline = time.monotonic() + timeout
         try:
             while True:
                 try:
                     data = sock.recv(4096).decode()
                 except TimeoutError:
-                    raise AssertionError(f"daemon not ready in {timeout}s:\n{self.log()}") from None
+                    if self.proc.poll() is not None:  # it refused to start: say why at once
+                        raise AssertionError(f"daemon exited at start:\n{self.log()}") from None
+                    if time.monotonic() > deadline:
+                        raise AssertionError(
+                            f"daemon not ready in {timeout}s:\n{self.log()}"
+                        ) from None
+                    continue
                 if "READY=1" in data:
                     break
         finally:

@@ -66,9 +66,12 @@ def kcell_config(server: ProviderServer, **kw: Any) -> dict[str, Any]:
             "password": "secret", **FAST, **kw}  # fmt: skip
 
 
-def start(tmp: Path, providers: dict[str, Any], **account: Any) -> DaemonProcess:
+def start(
+    tmp: Path, providers: dict[str, Any], dispatch: dict[str, Any] | None = None, **account: Any
+) -> DaemonProcess:
     raw = config_dict(tmp, **account)
     raw["providers"].update(providers)
+    raw["dispatch"].update(dispatch or {})
     if "routes" in account:
         del raw["accounts"][0]["provider"]
     return DaemonProcess(tmp, raw).start()
@@ -184,7 +187,10 @@ def test_throttled_after_retries_gives_29(
 ) -> None:
     fake, server = cm
     fake.fail_next(1000, status=429)
-    proc = start(tmp_path, {"cm": cm_config(server, retry_attempts=2)}, provider="cm")
+    # No outage hold: 29 straight after the retries (SPEC 8).
+    proc = start(
+        tmp_path, {"cm": cm_config(server, retry_attempts=2)}, {"outage_hold_s": 0}, provider="cm"
+    )
     try:
         codes = send_and_wait(proc, request_mail(num="0601020304", sms="x"))
     finally:
@@ -219,7 +225,7 @@ def test_restart_in_the_middle_of_a_retry(
     neither forgets the failed attempt nor retries before it is due."""
     fake, server = kcell
     fake.fail_next(1, status=503)
-    config = kcell_config(server, retry_backoff_s=2.0, retry_attempts=2)
+    config = kcell_config(server, retry_backoff_s=2.0, retry_attempts=2, circuit_failures=2)
     proc = start(tmp_path, {"kcell": config}, provider="kcell", default_sender="INFO")
     msg = request_mail(num="+77011234567", sms="x", emailId="restart")
     assert proc.send(msg)[0] == 250
