@@ -520,6 +520,10 @@ class DispatchConfig(_Model):
     # recipients wait for it instead of getting 999, up to this long after the
     # email arrived. 0: fail at once after retry_attempts, as for a lone failure.
     outage_hold_s: float = Field(900.0, ge=0)
+    # No SMS is handed to a provider later than this after it first became due
+    # (arrival, or the end of its quiet hours); then 999 and the Not. The time
+    # left goes to the providers that take an expiry (CM, Kcell, SMPP).
+    validity_s: float = Field(86400.0, gt=0)
     # The one HTTP client all providers share: connections open at once, kept alive.
     http_max_connections: int = Field(50, ge=1)
     http_max_keepalive: int = Field(20, ge=0)

@@ -313,6 +313,12 @@ class Dispatcher:
                     RecipientResult(rcpt.request_id, rcpt.idx, Code.BLACKLISTED, detail="STOP")
                 )
                 continue
+            if now >= self._expires_at(claimed):
+                # SPEC 8: a late alarm SMS is worse than a Not that says it failed.
+                why = f"not sent within dispatch.validity_s ({self.config.validity_s:g}s)"
+                log.warning("request %d: %s for %s: code 999", claimed.id, why, rcpt.number)
+                final.append(RecipientResult(rcpt.request_id, rcpt.idx, Code.ERROR, detail=why))
+                continue
             account = self.accounts.get(claimed.account)
             route = route_for(account, rcpt.number) if account is not None else []
             if rcpt.provider_index >= len(route):
@@ -345,8 +351,17 @@ class Dispatcher:
                 breaker.probe(now)
                 probing[name] = self.providers[name].max_batch - 1
             elif not breaker.allows(now):
-                # Skipped without an attempt: the next provider at once, or wait.
+                # Skipped without an attempt: the next provider at once, or wait
+                # for this one, within the outage hold only (SPEC 8).
                 last = rcpt.provider_index + 1 >= len(route)
+                hold_end = min(self._hold_ends_at(claimed), self._expires_at(claimed))
+                if last and now >= hold_end:
+                    why = f"{name} is down (its circuit is open) past dispatch.outage_hold_s"
+                    log.warning("request %d: %s for %s: code 999", claimed.id, why, rcpt.number)
+                    final.append(
+                        RecipientResult(rcpt.request_id, rcpt.idx, Code.ERROR, name, detail=why)
+                    )
+                    continue
                 final.append(
                     RecipientResult(
                         rcpt.request_id,
@@ -355,7 +370,7 @@ class Dispatcher:
                         name,
                         None,
                         f"{name}: circuit open",
-                        breaker.open_until if last else now,
+                        min(breaker.open_until, hold_end) if last else now,
                         rcpt.provider_index if last else rcpt.provider_index + 1,
                         rcpt.attempts if last else 0,
                     )  # fmt: skip
@@ -391,6 +406,14 @@ class Dispatcher:
                 raise error
         if errors:
             raise errors[0]
+
+    def _expires_at(self, claimed: ClaimedRequest) -> float:
+        """After this no SMS of the request goes to a provider (dispatch.validity_s)."""
+        return claimed.first_due_at + self.config.validity_s
+
+    def _hold_ends_at(self, claimed: ClaimedRequest) -> float:
+        """Until this its recipients may wait for a provider that is down as a whole."""
+        return claimed.first_due_at + self.config.outage_hold_s
 
     async def _stop_listed(
         self, claims: Mapping[int, ClaimedRequest], pending: Sequence[PendingRecipient]
@@ -458,8 +481,12 @@ class Dispatcher:
                     " configuration; the SMS stay queued",
                     _ids(i.claimed.id for i in chunk), name, err,
                 )  # fmt: skip
-                # Not the recipients' fault: hold them without counting an attempt.
-                hold = self.clock.time() + self.config.provider_wait_s
+                # Not the recipients' fault: hold them without counting an attempt,
+                # until the validity ends (then 999: SPEC 8).
+                hold = min(
+                    self.clock.time() + self.config.provider_wait_s,
+                    min(self._expires_at(i.claimed) for i in chunk),
+                )
                 results += [
                     RecipientResult(
                         i.rcpt.request_id,
@@ -516,6 +543,7 @@ class Dispatcher:
             reference=claimed.reference,
             request_id=claimed.id,
             in_doubt=r.in_doubt,
+            expires_at=self._expires_at(claimed),
         )
 
     async def _submit(self, provider: Provider, messages: list[SmsMessage]) -> list[Outcome]:
@@ -565,7 +593,7 @@ class Dispatcher:
                 refund_parts=rcpt.parts,
             )  # fmt: skip
         breaker = self.breakers[name]
-        if not breaker.allows(now) and now - claimed.received_at < self.config.outage_hold_s:
+        if not breaker.allows(now) and now < self._hold_ends_at(claimed):
             # The provider is down as a whole, not refusing this message: wait
             # for it to come back rather than fail the recipient.
             return RecipientResult(

@@ -67,6 +67,9 @@ class ClaimedRequest:
     attempts: int
     received_at: float
     token: str  # random per request: makes SMS keys unique even across a restored backup
+    # When it first became due: its arrival, or the end of its quiet hours when
+    # deferred. The validity and the outage hold count from here (SPEC section 8).
+    first_due_at: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -136,11 +136,15 @@ class World:
         )
         return self.dispatcher
 
-    async def submit(self, *numbers: str, parts: int = 1, email_id: str = "e1") -> int:
+    async def submit(
+        self, *numbers: str, parts: int = 1, email_id: str = "e1", due_in: float = 0.0
+    ) -> int:
+        """A request received now, due now or `due_in` seconds from now (quiet hours)."""
         now = self.clock.time()
         request = NewRequest(
             account=KEY, email_id=email_id, ack_code=0, ack_to=None, not_to="n@client.test",
-            numbered=True, sender="MaSociete", reference=None, received_at=now, due_at=now,
+            numbered=True, sender="MaSociete", reference=None, received_at=now,
+            due_at=now + due_in,
             mail_from="erp@client.test", client_ip="127.0.0.1", message_id=None,
             recipients=[
                 RecipientDraft(n, n, "hello", "gsm7", parts, parts) for n in numbers
@@ -590,6 +594,71 @@ async def test_refused_credentials_hold_the_work_without_an_attempt(world: World
     assert world.one(rid)["code"] == 0 and len(cm.calls) == 4
     # Not a provider outage: the refusals did not open the circuit.
     assert world.dispatcher is not None and world.dispatcher.breakers["cm"].failures == 0
+
+
+async def test_refused_credentials_hold_until_the_validity_then_999(world: World) -> None:
+    """SPEC 8: held, loudly, while the credentials are refused; at validity_s 999."""
+    cm = Recorder("cm", default=ProviderAuthError("token refused"))
+    world.build([cm], provider_wait_s=120.0, validity_s=300.0)
+    rid = await world.submit(N1)
+    await world.run()
+    assert world.one(rid)["due_at"] == pytest.approx(world.clock.time() + 120)
+    world.advance(120)
+    await world.run()
+    assert world.one(rid)["due_at"] == pytest.approx(START.timestamp() + 240)
+    world.advance(120)
+    await world.run()  # the next hold is cut at the validity's end, not 120 s later
+    assert world.one(rid)["due_at"] == pytest.approx(START.timestamp() + 300)
+    world.advance(60)
+    await world.run()
+    row = world.one(rid)
+    assert (row["code"], len(cm.calls)) == (999, 3)
+    assert "validity" in row["detail"]
+    assert world.request_state(rid) == "done"
+
+
+async def test_validity_counts_from_the_end_of_the_quiet_hours(world: World) -> None:
+    cm = Recorder("cm")
+    world.build([cm], validity_s=600.0)
+    rid = await world.submit(N1, due_in=3600)  # deferred to the end of the quiet hours
+    world.advance(3600)
+    await world.run()
+    assert world.one(rid)["code"] == 0
+    # The provider is told when the SMS stops being worth delivering.
+    assert cm.calls[0][0].expires_at == pytest.approx(START.timestamp() + 3600 + 600)
+
+
+async def test_an_open_circuit_without_outage_hold_fails_at_once(world: World) -> None:
+    """SPEC 8: outage_hold_s 0 means 29/999 straight away, not a wait per attempt
+    for the cool-down of a circuit that is already open."""
+    cm = Recorder("cm", script=[down(), down()])
+    world.build(
+        [cm],
+        provider_settings={"retry_attempts": 5, "circuit_failures": 2, "circuit_cooldown_s": 600},
+        outage_hold_s=0.0,
+    )
+    await open_the_circuit(world, cm, 2)
+    rid = await world.submit(N1, email_id="after")
+    await world.run()
+    row = world.one(rid)
+    assert (row["code"], len(cm.calls)) == (999, 2)  # no call, no waiting
+    assert "circuit is open" in row["detail"]
+
+
+async def test_an_open_circuit_holds_no_longer_than_the_outage_hold(world: World) -> None:
+    cm = Recorder("cm", script=[down(), down()])
+    world.build(
+        [cm],
+        provider_settings={"retry_attempts": 5, "circuit_failures": 2, "circuit_cooldown_s": 600},
+        outage_hold_s=100.0,
+    )
+    await open_the_circuit(world, cm, 2)
+    rid = await world.submit(N1, email_id="after")
+    await world.run()
+    assert world.one(rid)["due_at"] == pytest.approx(world.clock.time() + 100)  # not 600
+    world.advance(100)
+    await world.run()
+    assert world.one(rid)["code"] == 999
 
 
 async def test_no_route_or_unknown_account_gives_999(world: World) -> None:

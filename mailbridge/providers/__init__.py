@@ -45,6 +45,9 @@ class SmsMessage:
     # True when an earlier submission of this very message may have reached the
     # provider (crash or lost response): adapters that can, deduplicate on `key`.
     in_doubt: bool = False
+    # POSIX time after which the SMS is worthless (dispatch.validity_s): handed to
+    # the providers that take an expiry, so the operator's network stops trying too.
+    expires_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,8 +38,10 @@ is possible when the earlier attempt did reach CM.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
@@ -67,7 +69,7 @@ _REFERENCE_BAD = re.compile(r"[^A-Za-z0-9_]")  # CM: alphanumeric; its own examp
 _HEADERS = {"Content-Type": "application/json; charset=utf-8", "Accept": "application/json"}
 
 _ENTRY_KEYS = ("to", "status", "parts", "messageDetails", "messageErrorCode")
-_GroupKey = tuple[str | None, str, str, str | None, int]
+_GroupKey = tuple[str | None, str, str, str | None, int, int | None]
 
 
 def cm_number(e164: str) -> str:
@@ -120,6 +122,16 @@ class _Request:
     numbers: dict[str, SmsMessage] = field(default_factory=dict)  # match key -> message
 
 
+CM_MAX_VALIDITY_S = 48 * 3600  # seed 000: "la période de validité maximale est de 48 heures"
+
+
+def cm_validity(expires_at: float) -> str:
+    """The end of a message's validity in CM's `validity` form ("… GMT"),
+    at most 48 hours ahead (CM's maximum)."""
+    until = min(expires_at, time.time() + CM_MAX_VALIDITY_S)
+    return datetime.fromtimestamp(until, UTC).strftime("%Y-%m-%d %H:%M:%S GMT")
+
+
 def message_reference(m: SmsMessage) -> str | None:
     """The CM reference a message is sent with: its tracker, else its request's own
     (the SMS key without the recipient's index: `mb<instance>_<request><token>`)."""
@@ -135,6 +147,8 @@ def _head(m: SmsMessage) -> dict[str, Any]:
     reference = message_reference(m)
     if reference is not None:
         head["reference"] = reference
+    if m.expires_at is not None:
+        head["validity"] = cm_validity(m.expires_at)
     head["minimumNumberOfMessageParts"] = 1
     # Never below the text's own count, so CM cannot cut a text we already cut to fit.
     head["maximumNumberOfMessageParts"] = max(m.max_parts, m.parts, 1)
@@ -146,7 +160,10 @@ def plan(batch: Sequence[SmsMessage]) -> list[_Request]:
     """Split a batch into the fewest requests CM allows (first fit, batch order kept)."""
     requests: list[_Request] = []
     for m in batch:
-        key: _GroupKey = (m.sender, m.text, m.encoding, message_reference(m), m.max_parts)
+        key: _GroupKey = (
+            m.sender, m.text, m.encoding, message_reference(m), m.max_parts,
+            None if m.expires_at is None else int(m.expires_at),
+        )  # fmt: skip
         number = _match_key(m.to)
         target: tuple[_Request, _Msg | None] | None = None
         for req in requests:

@@ -6,7 +6,8 @@ several go to `POST {url}/batches` in chunks of at most 200 (the seed's
 Every message carries `client_message_id` = `SmsMessage.key`, `recipient` =
 the E.164 number without '+' (`77…`), `message_text`, and `sender` unless it
 is None (then omitted: the account's default alias, if the gateway has one).
-`priority`, `expire_date`, `time_bounds`, `flash`, `schedule` are left to
+`expire_date` is the end of the message's validity (dispatch.validity_s);
+`priority`, `time_bounds`, `flash`, `schedule` are left to
 SMSGW's defaults (NB: default `time_bounds` is "def", weekdays 9:00-18:00).
 
 Output: one `Outcome` per message. `201` on /messages gives the message id;
@@ -43,7 +44,9 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import httpx
 
@@ -222,6 +225,10 @@ def _item(m: SmsMessage, time_bounds: str | None) -> dict[str, str]:
     if time_bounds is not None:
         # SMSGW's own default ("def") delivers on weekdays 09:00-18:00 only.
         item["time_bounds"] = time_bounds
+    if m.expires_at is not None:
+        # SMSGW stops trying after this (its local time; SPEC 8 validity).
+        local = datetime.fromtimestamp(m.expires_at, ZoneInfo(KCELL_ZONE))
+        item["expire_date"] = local.strftime("%Y-%m-%d %H:%M:%S")
     return item
 
 

@@ -175,6 +175,10 @@ MIGRATIONS: dict[int, list[str]] = {
             last_error TEXT
         )""",
     ],
+    2: [  # when a request first became due (validity, outage hold: SPEC 8)
+        "ALTER TABLE requests ADD COLUMN first_due_at DOUBLE PRECISION",
+        "UPDATE requests SET first_due_at = due_at",
+    ],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

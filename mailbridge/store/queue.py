@@ -77,11 +77,12 @@ def add_request(tx: Tx, req: NewRequest) -> Admission:
     (request_id,) = tx.one(
         "INSERT INTO requests (account, email_id, ack_code, state, numbered, sender, reference,"
         " not_to, mail_from, client_ip, message_id, received_at, due_at, token, plain_reports,"
-        " dlr_to) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
+        " dlr_to, first_due_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
         (
             req.account, req.email_id, ack, "queued" if ack == 0 else "done", int(req.numbered),
             req.sender, req.reference, req.not_to, req.mail_from, req.client_ip, req.message_id,
             req.received_at, req.due_at, secrets.token_hex(3), req.plain_reports, req.dlr_to,
+            req.due_at,
         ),
     )  # fmt: skip
     if ack == 0 and req.email_id is not None:
@@ -166,7 +167,8 @@ def claim_requests(
     marks = ",".join("?" * len(ids))
     claimed = tx.all(
         f"UPDATE requests SET claimed_until = {d.now} + ?, claimed_by = ? WHERE id IN ({marks})"
-        " RETURNING id, account, email_id, sender, reference, attempts, received_at, token",
+        " RETURNING id, account, email_id, sender, reference, attempts, received_at, token,"
+        " coalesce(first_due_at, received_at)",
         (lease_s, owner, *ids),
     )
     return sorted((ClaimedRequest(*row) for row in claimed), key=lambda c: c.id)

@@ -177,6 +177,10 @@ _VERSION_3 = [
 MIGRATIONS: dict[int, list[str]] = {
     2: ["ALTER TABLE requests ADD COLUMN plain_reports TEXT"],  # plain mode (SPEC 9)
     3: _VERSION_3,  # delivery reports, replies, STOP, metrics (SPEC 7); lease holders
+    4: [  # when a request first became due (validity, outage hold: SPEC 8)
+        "ALTER TABLE requests ADD COLUMN first_due_at REAL",
+        "UPDATE requests SET first_due_at = due_at",
+    ],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
