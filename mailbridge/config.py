@@ -192,6 +192,11 @@ class ReportsConfig(_Model):
     smtp: RelayConfig | None = None
     retry_backoff_s: float = Field(30.0, gt=0)  # first wait after a failed delivery, doubling
     retry_max_backoff_s: float = Field(3600.0, gt=0)
+    # A report the relay keeps refusing temporarily (4xx, no connection) is
+    # retried this long after it was made (5 days, as Postfix's queue), then
+    # failed; a permanent refusal (5xx) fails it at once. Failed reports are
+    # listed by `mailbridge reports list` and tried again by `reports retry`.
+    max_age_s: float = Field(5 * 86400.0, gt=0)
     # etatDlr mails (SPEC section 7): one per request once every sent recipient has
     # its final status, or this many seconds after the Not with those final by then
     # (the rest follow, at most every delay); none after delivery_report_max_age.

@@ -1,8 +1,12 @@
 """Deliver report mails: into a Maildir, or through an SMTP relay.
 
 Input: pending report rows in the store. Output: each report delivered, then
-marked sent. Failure: a delivery that fails stays pending and is retried with
-doubling backoff; a report is never dropped.
+marked sent. Failure: a temporary failure (4xx, connection, timeout) stays
+pending and is retried with doubling backoff capped at
+`reports.retry_max_backoff_s`, for up to `reports.max_age_s`; a permanent
+refusal (5xx, or a mail over the relay's advertised SIZE) and a report past
+its max age are marked `failed` at once, logged at ERROR, and wait for
+`mailbridge reports retry`. Never dropped silently, never retried forever.
 
 Exactly once into a Maildir: the file name is derived from the report row, so
 a retry after a crash between the rename and the `sent` mark finds the file
@@ -35,6 +39,11 @@ log = logging.getLogger(__name__)
 CLAIM_BATCH = 200
 LEASE_S = 300.0
 MAILDIR_PARALLEL = 4  # file writes in flight (each fsyncs; threads overlap them)
+
+
+class ReportRefused(Exception):
+    """The relay refused the report for good (5xx, or too big for it): retrying
+    cannot help, a human must (`mailbridge reports list`)."""
 
 
 class ReportSink(Protocol):
@@ -131,8 +140,15 @@ class SmtpRelaySink:
                     smtp = await self._connect()
                     self._open.add(smtp)
                 try:
+                    if smtp.is_ehlo_or_helo_needed:
+                        await smtp.ehlo()  # its extensions say whether SIZE is advertised
+                    _check_size(smtp, mail)
                     await smtp.sendmail(envelope_from, [job.to_addr], mail)
                     return
+                except aiosmtplib.SMTPResponseException as err:
+                    if err.code >= 500:
+                        raise ReportRefused(f"{err.code} {err.message}") from err
+                    raise
                 except aiosmtplib.SMTPServerDisconnected:
                     # The relay closed an idle reused connection: reconnect once.
                     self._forget(smtp)
@@ -157,6 +173,16 @@ class SmtpRelaySink:
                 except aiosmtplib.SMTPException:
                     smtp.close()
         self._open.clear()
+
+
+def _check_size(smtp: aiosmtplib.SMTP, mail: bytes) -> None:
+    """RFC 1870: a relay that advertises SIZE refuses larger mail; know it before
+    sending 14 MB (a Not of a 100 000-line request)."""
+    limit = smtp.esmtp_extensions.get("size", "")
+    # On the wire every line ends in CRLF: that is the size the relay counts.
+    size = len(mail) + mail.count(b"\n") - mail.count(b"\r\n")
+    if limit.isdigit() and int(limit) > 0 and size > int(limit):
+        raise ReportRefused(f"{size} bytes, over the relay's SIZE limit of {limit}")
 
 
 def make_sink(config: ReportsConfig, instance_id: str) -> ReportSink:
@@ -207,17 +233,32 @@ class Mailer:
         )
         try:
             await self.sink.deliver(job, mail, self.config.envelope_from)
+        except ReportRefused as err:
+            await self._give_up(job, f"refused: {err}")
+            return False
         except (TimeoutError, OSError, aiosmtplib.SMTPException) as err:
+            now = self.clock.time()
+            if now - job.created_at >= self.config.max_age_s:
+                await self._give_up(job, f"still failing after reports.max_age_s: {err}")
+                return False
             delay = self._backoff(job.attempts)
             log.warning(
                 "request %d: %s report to %s not delivered (%s); retry in %.0fs",
                 job.request_id, job.kind, job.to_addr, err, delay,
             )  # fmt: skip
-            await self.store.report_failed(job.id, self.clock.time() + delay, str(err)[:500])
+            await self.store.report_failed(job.id, now + delay, str(err)[:500])
             return False
         await self.store.report_sent(job.id, self.clock.time())
         log.info("request %d: %s report delivered to %s", job.request_id, job.kind, job.to_addr)
         return True
+
+    async def _give_up(self, job: ReportJob, why: str) -> None:
+        log.error(
+            "request %d: %s report to %s FAILED for good: %s (see `mailbridge reports list`;"
+            " `mailbridge reports retry %d` once fixed)",
+            job.request_id, job.kind, job.to_addr, why, job.id,
+        )  # fmt: skip
+        await self.store.report_given_up(job.id, self.clock.time(), why[:500])
 
     async def _render(self, job: ReportJob, data: ReportData) -> Rendered:
         if job.kind == "dlr":

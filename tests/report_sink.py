@@ -31,6 +31,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 Mode = Literal["up", "refuse", "tempfail"]
 REPLY_TEMPFAIL = "451 4.3.0 Relay busy, try again later"
+REPLY_TOO_BIG = "552 5.3.4 Message size exceeds fixed limit"
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,11 @@ class ReportSink:
         self.port = 0
         self.mode: Mode = "up"
         self.tempfailed = 0  # DATA answered 451
+        self.refused = 0  # DATA answered 552 (refuse_larger_than)
+        # DATA of a mail bigger than this gets 552 5.3.4 (a relay's message size
+        # limit); None: any size. `size_limit` also advertises it (SIZE, RFC 1870).
+        self.refuse_larger_than: int | None = None
+        self.size_limit: int | None = None
         self._mails: list[Received] = []
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
@@ -192,6 +198,11 @@ class ReportSink:
             with self._lock:
                 self.tempfailed += 1
             return REPLY_TEMPFAIL
+        limit = self.refuse_larger_than
+        if limit is not None and len(envelope.original_content or b"") > limit:
+            with self._lock:
+                self.refused += 1
+            return REPLY_TOO_BIG
         mail = Received(
             envelope.mail_from or "",
             tuple(envelope.rcpt_tos),
@@ -207,7 +218,9 @@ class ReportSink:
         handler = _Handler(self)
 
         def protocol() -> SMTP:
-            session = _TrackedSMTP(self._sessions, handler, hostname="relay.test")
+            session = _TrackedSMTP(
+                self._sessions, handler, hostname="relay.test", data_size_limit=self.size_limit
+            )
             return session
 
         async def create() -> asyncio.base_events.Server:

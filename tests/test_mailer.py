@@ -205,3 +205,83 @@ async def test_reports_go_out_on_parallel_connections_in_order_per_request(
         f"burst-{i}".encode(): ["ack@client.test", "not@client.test"] for i in range(12)
     }
     assert (await store.status(clock.time())).reports == {"sent": 24}
+
+
+# -- report delivery that ends (SPEC 8) ------------------------------------------------
+
+
+async def test_a_permanent_refusal_fails_the_report_at_once(store: SqliteStore) -> None:
+    """A relay answering 552 to a Not: one attempt, state failed, never retried
+    by itself; `reports retry` would make it pending again."""
+    from tests.report_sink import ReportSink
+
+    clock = FakeClock(START)
+    with ReportSink() as relay_sink:
+        relay_sink.refuse_larger_than = 555  # the Ack (534 bytes) passes, the Not (576) not
+        config = reports_config(smtp=relay_sink.relay_config(), retry_backoff_s=30)
+        sink = SmtpRelaySink(RelayConfig.model_validate(relay_sink.relay_config()))
+        mailer = Mailer(store, sink, ReportRenderer(), config, clock)
+        rid = (await store.add_request(new_request("1548"))).request_id
+        await store.record_results([], clock.time())
+        assert await mailer.run_once() == 1  # the Ack
+        for _ in range(3):
+            clock.advance(7200)
+            assert await mailer.run_once() == 0
+        await sink.aclose()
+        assert relay_sink.refused == 1  # one attempt, not one every backoff
+    status = await store.status(clock.time())
+    assert status.reports == {"sent": 1, "failed": 1}
+    assert any("552" in e and "report" in e for e in status.last_errors)
+    assert rid == 1
+
+
+async def test_a_mail_over_the_relays_size_is_not_even_sent(store: SqliteStore) -> None:
+    from tests.report_sink import ReportSink
+
+    clock = FakeClock(START)
+    with ReportSink() as relay_sink:
+        relay_sink.size_limit = 555  # advertised as SIZE 555
+        relay_sink.come_back()  # listen again with the new limit
+        config = reports_config(smtp=relay_sink.relay_config())
+        sink = SmtpRelaySink(RelayConfig.model_validate(relay_sink.relay_config()))
+        mailer = Mailer(store, sink, ReportRenderer(), config, clock)
+        await store.add_request(new_request("1549"))
+        await mailer.run_once()
+        await sink.aclose()
+        assert [m.header("Subject") for m in relay_sink.mails] == ["etatAck 1549"]
+    status = await store.status(clock.time())
+    assert status.reports == {"sent": 1, "failed": 1}
+    assert any("SIZE limit of 555" in e for e in status.last_errors)
+
+
+async def test_a_temporary_failure_is_retried_until_max_age_then_failed(
+    store: SqliteStore,
+) -> None:
+    from tests.report_sink import ReportSink
+
+    clock = FakeClock(START)
+    with ReportSink() as relay_sink:
+        relay_sink.go_down("tempfail")
+        config = reports_config(
+            smtp=relay_sink.relay_config(), retry_backoff_s=60, retry_max_backoff_s=3600,
+            max_age_s=86400,
+        )  # fmt: skip
+        sink = SmtpRelaySink(RelayConfig.model_validate(relay_sink.relay_config()))
+        mailer = Mailer(store, sink, ReportRenderer(), config, clock)
+        await store.add_request(new_request("1550", not_to=None))
+        attempts = 0
+        while (await store.status(clock.time())).reports.get("pending"):
+            await mailer.run_once()
+            attempts += 1
+            (job_due,) = [
+                d for (d,) in store.db.execute("SELECT due_at FROM reports WHERE state = 'pending'")
+            ] or [clock.time()]
+            # capped backoff: never more than an hour (+20 % jitter) between tries
+            assert job_due - clock.time() <= 3600 * 1.2 + 1
+            clock.advance(max(0.0, job_due - clock.time()) + 1)
+            assert attempts < 100
+        await sink.aclose()
+    status = await store.status(clock.time())
+    assert status.reports == {"failed": 1}
+    assert clock.time() - START.timestamp() >= 86400  # only after max_age_s
+    assert 20 < attempts < 40  # 60 s doubling, capped at an hour, over a day

@@ -152,7 +152,13 @@ class Store(Protocol):
 
     async def report_sent(self, report_id: int, now: float) -> None: ...
 
-    async def report_failed(self, report_id: int, due_at: float, error: str) -> None: ...
+    async def report_failed(self, report_id: int, due_at: float, error: str) -> None:
+        """A temporary failure: pending again at `due_at`."""
+        ...
+
+    async def report_given_up(self, report_id: int, now: float, error: str) -> None:
+        """A permanent failure: state `failed`, kept for a human."""
+        ...
 
     async def status(self, now: float) -> StoreStatus:
         """Counts by state and the last errors, for `mailbridge status`."""

@@ -426,6 +426,15 @@ def report_failed(tx: Tx, report_id: int, due_at: float, error: str, owner: str)
     )
 
 
+def report_given_up(tx: Tx, report_id: int, now: float, error: str) -> None:
+    """The report failed for good: kept, state `failed`, until a human retries it."""
+    tx.execute(
+        "UPDATE reports SET state = 'failed', last_error = ?, claimed_until = NULL,"
+        " claimed_by = NULL, attempts = attempts + 1, sent_at = ? WHERE id = ?",
+        (error, now, report_id),
+    )
+
+
 # -- status --------------------------------------------------------------------------------
 
 
@@ -453,7 +462,7 @@ def status(tx: Tx, now: float, size: tuple[int, int | None]) -> StoreStatus:
         f"report {i} to {t}: {e}"
         for i, t, e in tx.all(
             "SELECT id, to_addr, last_error FROM reports WHERE last_error IS NOT NULL"
-            " AND state = 'pending' ORDER BY id DESC LIMIT 5"
+            " AND state IN ('pending', 'failed') ORDER BY id DESC LIMIT 5"
         )
     ]
     return StoreStatus(

@@ -190,6 +190,9 @@ class SqlStore:
     async def report_failed(self, report_id: int, due_at: float, error: str) -> None:
         await self._write(lambda tx: q.report_failed(tx, report_id, due_at, error, self.owner))
 
+    async def report_given_up(self, report_id: int, now: float, error: str) -> None:
+        await self._write(lambda tx: q.report_given_up(tx, report_id, now, error))
+
     async def status(self, now: float) -> StoreStatus:
         return await self._read(lambda tx: q.status(tx, now, self.backend.size(tx)))
 
