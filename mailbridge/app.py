@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 STOP_GRACE_S = 30.0  # in-flight provider calls get this long to finish on SIGTERM
+PURGE_FIRST_S = 3600.0  # the daily purge's first run, after the start's own work
 
 
 # -- the send side (both processes) ---------------------------------------------
@@ -68,6 +69,7 @@ class SendSide:
     store: Store
     clock: Clock
     heartbeat_s: float
+    retention_days: float = 90.0
     heartbeat_as: str = "worker"
 
     async def run(
@@ -88,7 +90,25 @@ class SendSide:
             self.mailer.run(reports, stopping),
             self.feedback.run(events, stopping, reports),
             self._heartbeat(stopping),
+            self._purge_daily(stopping),
         )
+
+    async def _purge_daily(self, stopping: asyncio.Event) -> None:
+        """store.retention_days (SPEC 11): finished requests older than that lose
+        their rows, in short batches beside the work; first an hour after start."""
+        await nap(stopping, stopping, PURGE_FIRST_S)
+        while not stopping.is_set():
+            before = self.clock.time() - self.retention_days * 86400
+            total = 0
+            try:
+                while not stopping.is_set() and (n := await self.store.purge(before)):
+                    total += n
+            except StoreUnavailable as err:
+                log.error("purge: store unavailable: %s", err)
+            if total:
+                log.info("purge: %d finished request(s) older than %g days removed",
+                         total, self.retention_days)  # fmt: skip
+            await nap(stopping, stopping, 86400)
 
     async def _heartbeat(self, stopping: asyncio.Event) -> None:
         """Say "alive" in the store: /healthz and the systemd watchdog read it."""
@@ -137,7 +157,7 @@ def build_send_side(
     )
     return SendSide(
         http, providers, sink, dispatcher, mailer, feedback, store, clock,
-        config.dispatch.heartbeat_s,
+        config.dispatch.heartbeat_s, config.store.retention_days,
     )  # fmt: skip
 
 

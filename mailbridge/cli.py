@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import json
 import logging
 import secrets
 import smtplib
@@ -199,34 +198,11 @@ def cmd_send(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
+def cmd_operator(args: argparse.Namespace) -> int:
+    """status, queue, reports, purge: mailbridge/commands.py."""
+    from mailbridge.commands import run_command
 
-    from mailbridge.store import StoreStatus, open_store
-
-    config = _load(args.config)
-
-    async def read() -> StoreStatus:
-        store = open_store(config.store)
-        await store.open()
-        try:
-            return await store.status(time.time())
-        finally:
-            await store.close()
-
-    status = asyncio.run(read())
-    if args.json:
-        print(json.dumps(asdict(status), indent=2))
-        return 0
-    requests = status.requests
-    print("requests:", ", ".join(f"{k} {v}" for k, v in sorted(requests.items())) or "none")
-    print("recipients waiting for a code:", status.recipients_pending)
-    print("reports:", ", ".join(f"{k} {v}" for k, v in sorted(status.reports.items())) or "none")
-    if status.last_errors:
-        print("last errors:")
-        for line in status.last_errors:
-            print("  " + line)
-    return 0
+    return run_command(args, _load(args.config))
 
 
 def cmd_store_copy(args: argparse.Namespace) -> int:
@@ -253,7 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mailbridge", description=__doc__.splitlines()[0])
     # The metavar lists the public commands only: `_worker` is not for operators.
     sub = parser.add_subparsers(
-        dest="command", required=True, metavar="{serve,check-config,send,status,store-copy}"
+        dest="command",
+        required=True,
+        metavar="{serve,check-config,send,status,queue,reports,purge,store-copy}",
     )
 
     def add(name: str, help: str) -> argparse.ArgumentParser:
@@ -283,9 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--to", help="intake address (default: the first smtp.recipients)")
     send.add_argument("--server", help="host:port (default: smtp.listen)")
     send.set_defaults(func=cmd_send)
-    status = add("status", "queue counts by state and the last errors")
-    status.add_argument("--json", action="store_true")
-    status.set_defaults(func=cmd_status)
+    from mailbridge.commands import add_commands
+
+    def add_operator(name: str, help: str) -> argparse.ArgumentParser:
+        p = add(name, help)
+        p.set_defaults(func=cmd_operator)
+        return p
+
+    add_commands(add_operator)
     copy = add("store-copy", "copy this config's SQLite store into an empty PostgreSQL database")
     copy.add_argument("--to", required=True, help="postgresql://user:password@host/database")
     copy.set_defaults(func=cmd_store_copy)

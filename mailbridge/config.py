@@ -155,6 +155,10 @@ class StoreConfig(_Model):
     max_size_mb: float | None = Field(None, gt=0)
     # PostgreSQL: connections each process keeps in its pool (checked before use).
     pool_size: int = Field(4, ge=1, le=100)
+    # Finished requests older than this lose their recipients and reports (a daily
+    # purge in the daemon, and `mailbridge purge`); their (account, emailId)
+    # stays, so that a late duplicate still gets Ack 1.
+    retention_days: float = Field(90.0, gt=0)
 
     @field_validator("postgresql")
     @classmethod

@@ -461,5 +461,9 @@ def test_cli_send_and_status(daemon: DaemonProcess, tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert status.returncode == 0, status.stderr
-    counts = json.loads(status.stdout)
-    assert counts["requests"]["done"] >= 1 and "reports" in counts
+    found = json.loads(status.stdout)
+    assert found["status"]["requests"]["done"] >= 1 and "reports" in found["status"]
+    if daemon.config["store"].get("sqlite"):
+        assert found["daemon"] == "a daemon is running on this store"
+    else:
+        assert found["senders_alive"]  # PostgreSQL: the worker's heartbeat

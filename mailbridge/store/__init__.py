@@ -32,6 +32,7 @@ from mailbridge.model import (
 
 if TYPE_CHECKING:
     from mailbridge.feedback import FeedbackPass, FeedbackRules
+    from mailbridge.store.admin import QueueEntry, RequestDetail
 
 
 class StoreUnavailable(Exception):
@@ -203,6 +204,38 @@ class Store(Protocol):
     ) -> None: ...
 
     async def metrics(self, now: float) -> StoreMetrics: ...
+
+    # -- the operator's commands (SPEC 11; store/admin.py) ----------------
+
+    async def queue_list(
+        self, now: float, state: str | None = None, account: str | None = None, limit: int = 1000
+    ) -> list[QueueEntry]: ...
+
+    async def queue_show(self, request_id: int) -> RequestDetail | None: ...
+
+    async def queue_retry(self, request_ids: Sequence[int] | None, now: float) -> int:
+        """Held, deferred or quarantined work due now (None: all of it); how many."""
+        ...
+
+    async def queue_drop(self, request_id: int, now: float, why: str) -> tuple[int, int] | None:
+        """Pending recipients get 999, the Not follows: (dropped, still in flight)."""
+        ...
+
+    async def reports_list(
+        self, state: str | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]: ...
+
+    async def reports_retry(self, report_id: int, now: float) -> bool: ...
+
+    async def reports_drop(self, report_id: int, why: str) -> bool: ...
+
+    async def purge(self, before: float, limit: int = 500) -> int:
+        """Finished requests done before `before` lose their rows (not their emailId)."""
+        ...
+
+    async def oldest_pending(self) -> float | None: ...
+
+    async def provider_errors(self) -> list[tuple[str, bool, float, str | None]]: ...
 
     async def watch(self, on_wake: Callable[[], None]) -> None:
         """Call `on_wake` when another process adds work (PostgreSQL NOTIFY);

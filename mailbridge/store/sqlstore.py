@@ -27,7 +27,7 @@ from mailbridge.model import (
     ReportData,
     ReportJob,
 )
-from mailbridge.store import StoreMetrics, StoreStatus
+from mailbridge.store import StoreMetrics, StoreStatus, admin
 from mailbridge.store import events as ev
 from mailbridge.store import queue as q
 from mailbridge.store.engine import Backend, Engine, Tx
@@ -238,6 +238,57 @@ class SqlStore:
 
     async def metrics(self, now: float) -> StoreMetrics:
         return await self._read(lambda tx: StoreMetrics(ev.counters(tx), ev.gauges(tx, now)))
+
+    # -- the operator (SPEC 11; store/admin.py) ----------------------------
+
+    async def queue_list(
+        self, now: float, state: str | None = None, account: str | None = None, limit: int = 1000
+    ) -> list[admin.QueueEntry]:
+        return await self._read(lambda tx: admin.queue_list(tx, now, state, account, limit))
+
+    async def queue_show(self, request_id: int) -> admin.RequestDetail | None:
+        return await self._read(lambda tx: admin.queue_show(tx, request_id))
+
+    async def queue_retry(self, request_ids: Sequence[int] | None, now: float) -> int:
+        def retry(tx: Tx) -> int:
+            n = admin.queue_retry(tx, request_ids, now)
+            self._notify(tx)
+            return n
+
+        return await self._write(retry)
+
+    async def queue_drop(self, request_id: int, now: float, why: str) -> tuple[int, int] | None:
+        def drop(tx: Tx) -> tuple[int, int] | None:
+            result = admin.queue_drop(tx, request_id, now, why)
+            self._notify(tx)
+            return result
+
+        return await self._write(drop)
+
+    async def reports_list(
+        self, state: str | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        return await self._read(lambda tx: admin.reports_list(tx, state, limit))
+
+    async def reports_retry(self, report_id: int, now: float) -> bool:
+        def retry(tx: Tx) -> bool:
+            ok = admin.reports_retry(tx, report_id, now)
+            self._notify(tx)
+            return ok
+
+        return await self._write(retry)
+
+    async def reports_drop(self, report_id: int, why: str) -> bool:
+        return await self._write(lambda tx: admin.reports_drop(tx, report_id, why))
+
+    async def purge(self, before: float, limit: int = 500) -> int:
+        return await self._write(lambda tx: admin.purge(tx, before, limit))
+
+    async def oldest_pending(self) -> float | None:
+        return await self._read(admin.oldest_pending)
+
+    async def provider_errors(self) -> list[tuple[str, bool, float, str | None]]:
+        return await self._read(admin.provider_errors)
 
     async def watch(self, on_wake: Callable[[], None]) -> None:
         """Wake `on_wake` when any instance adds work (no-op where only we do)."""
