@@ -325,6 +325,8 @@ class Daemon:
         self._started_at = self.clock.time()
         # Before recover(): a previous run's worker may still be sending.
         self._lock_fd = await acquire_store_lock(config.store)
+        # `mailbridge queue retry|drop`, `reports retry`: the queue changed, look now.
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, self.wake)
         self.store = store = open_store(config.store)
         await store.open()
         released = await store.recover()

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import fcntl
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, TypeVar
 
 from mailbridge.config import Config
@@ -90,19 +91,28 @@ def daemon_running(config: Config) -> str | None:
     None for PostgreSQL (see the heartbeats)."""
     if config.store.sqlite is None:
         return None
-    from mailbridge.store.sqlite import lock_path
+    from mailbridge.store.sqlite import lock_holder
 
-    path = lock_path(config.store.sqlite)
-    if not path.exists():
+    pid = lock_holder(config.store.sqlite)
+    if pid is None:
         return "no daemon"
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return "a daemon is running on this store"
-    finally:
-        os.close(fd)
-    return "no daemon"
+    return "a daemon is running on this store" + (f" (pid {pid})" if pid else "")
+
+
+def wake_daemon(config: Config) -> None:
+    """Tell the daemon on this SQLite store that the queue changed (SIGUSR1), so
+    it looks now rather than at its next poll. PostgreSQL instances were told
+    by NOTIFY at the commit."""
+    if config.store.sqlite is None:
+        return
+    from mailbridge.store.sqlite import lock_holder
+
+    pid = lock_holder(config.store.sqlite)
+    if pid:
+        try:
+            os.kill(pid, signal.SIGUSR1)
+        except (ProcessLookupError, PermissionError):
+            pass  # it polls anyway (at most a minute)
 
 
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
@@ -213,12 +223,14 @@ def cmd_queue_retry(args: argparse.Namespace, config: Config) -> int:
         raise CommandError("give a request id, or --all")
     ids = None if args.all else [args.id]
     n = with_store(config, lambda s: s.queue_retry(ids, time.time()))
-    print(f"{n} request(s) due now (the daemon takes them within a minute)")
+    wake_daemon(config)
+    print(f"{n} request(s) due now (the daemon was told)")
     return 0 if n or args.all else 1
 
 
 def cmd_queue_drop(args: argparse.Namespace, config: Config) -> int:
     result = with_store(config, lambda s: s.queue_drop(args.id, time.time(), DROP_REASON))
+    wake_daemon(config)
     if result is None:
         raise CommandError(f"no unfinished request {args.id}")
     dropped, in_flight = result
@@ -252,6 +264,7 @@ def cmd_reports_list(args: argparse.Namespace, config: Config) -> int:
 def cmd_reports_retry(args: argparse.Namespace, config: Config) -> int:
     if not with_store(config, lambda s: s.reports_retry(args.id, time.time())):
         raise CommandError(f"no report {args.id} to retry (sent reports are not sent again)")
+    wake_daemon(config)
     print(f"report {args.id}: pending, due now")
     return 0
 
@@ -289,37 +302,47 @@ def cmd_purge(args: argparse.Namespace, config: Config) -> int:
 # -- the parser ---------------------------------------------------------------------------
 
 
+def _leaf(sub: Any, name: str, help: str) -> argparse.ArgumentParser:
+    """A sub-command that also takes -c after its name (`queue list -c FILE`).
+
+    SUPPRESS: argparse would otherwise let this default overwrite a -c given
+    before the action (`queue -c FILE list`)."""
+    p: argparse.ArgumentParser = sub.add_parser(name, help=help, description=help)
+    p.add_argument("-c", "--config", type=Path, default=argparse.SUPPRESS, help="config file")
+    return p
+
+
 def add_commands(add: Callable[[str, str], argparse.ArgumentParser]) -> None:
     """Register the operator's commands with the CLI's `add(name, help)`."""
     queue = add("queue", "unfinished requests: list, show, retry, drop")
     qsub = queue.add_subparsers(dest="action", required=True)
-    ql = qsub.add_parser("list", help="one line per unfinished request (like mailq)")
+    ql = _leaf(qsub, "list", "one line per unfinished request (like mailq)")
     ql.add_argument("--state", choices=["queued", "quarantined"])
     ql.add_argument("--account", help="an account's name")
     ql.add_argument("--json", action="store_true")
     ql.set_defaults(command_func=cmd_queue_list)
-    qs = qsub.add_parser("show", help="a request, each recipient and its reports")
+    qs = _leaf(qsub, "show", "a request, each recipient and its reports")
     qs.add_argument("id", type=int)
     qs.add_argument("--json", action="store_true")
     qs.set_defaults(command_func=cmd_queue_show)
-    qr = qsub.add_parser("retry", help="held, deferred or quarantined work due now")
+    qr = _leaf(qsub, "retry", "held, deferred or quarantined work due now")
     qr.add_argument("id", type=int, nargs="?")
     qr.add_argument("--all", action="store_true")
     qr.set_defaults(command_func=cmd_queue_retry)
-    qd = qsub.add_parser("drop", help="pending recipients get 999 and the Not goes out")
+    qd = _leaf(qsub, "drop", "pending recipients get 999 and the Not goes out")
     qd.add_argument("id", type=int)
     qd.set_defaults(command_func=cmd_queue_drop)
     reports = add("reports", "report mails: list, retry, drop")
     rsub = reports.add_subparsers(dest="action", required=True)
-    rl = rsub.add_parser("list", help="the latest reports, newest first")
+    rl = _leaf(rsub, "list", "the latest reports, newest first")
     rl.add_argument("--state", choices=["pending", "sent", "failed", "dropped"])
     rl.add_argument("--limit", type=int, default=100)
     rl.add_argument("--json", action="store_true")
     rl.set_defaults(command_func=cmd_reports_list)
-    rr = rsub.add_parser("retry", help="a failed (or dropped) report: pending again, due now")
+    rr = _leaf(rsub, "retry", "a failed (or dropped) report: pending again, due now")
     rr.add_argument("id", type=int)
     rr.set_defaults(command_func=cmd_reports_retry)
-    rd = rsub.add_parser("drop", help="a pending or failed report: never sent")
+    rd = _leaf(rsub, "drop", "a pending or failed report: never sent")
     rd.add_argument("id", type=int)
     rd.set_defaults(command_func=cmd_reports_drop)
     purge = add("purge", "finished requests older than store.retention_days lose their rows")

@@ -369,6 +369,25 @@ def lock_path(path: Path) -> Path:
     return path.with_name(path.name + ".lock")
 
 
+def lock_holder(path: Path) -> int | None:
+    """The pid of the daemon that holds this store's lock, or None when no
+    daemon does (0: held, by a daemon too old to write its pid)."""
+    lock = lock_path(path)
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            return int(text) if text.isdigit() else 0
+        return None
+    finally:
+        os.close(fd)
+
+
 async def acquire_lock(path: Path) -> int:
     """Lock the store for this daemon; wait while a previous run's worker dies.
 
@@ -382,6 +401,10 @@ async def acquire_lock(path: Path) -> int:
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # Our pid, for the operator's commands to wake us (SIGUSR1) after
+            # they change the queue; it means nothing once the lock is free.
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             return fd
         except BlockingIOError:
             if time.monotonic() > deadline:
