@@ -21,6 +21,7 @@ from email.message import EmailMessage
 from pathlib import Path
 
 from mailbridge.config import Config, ConfigError, load_config, parse_hostport
+from mailbridge.logs import setup_logging
 from mailbridge.worker import WORKER_COMMAND
 
 DEFAULT_CONFIG = Path("config.yaml")
@@ -35,17 +36,6 @@ GC_THRESHOLDS = (20_000, 10, 10)
 def tune_gc() -> None:
     """Process-wide GC thresholds for the daemon's processes (serve and its worker)."""
     gc.set_threshold(*GC_THRESHOLDS)
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # aiosmtpd logs every command at INFO; our intake logs one line per email.
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
-    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def _load(path: Path) -> Config:
@@ -63,7 +53,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from mailbridge.store import StoreUnavailable
 
     config = _load(args.config)
-    setup_logging(config.log_level)
+    setup_logging(config.logging)
     tune_gc()
     try:
         asyncio.run(Daemon(config).serve())
@@ -81,7 +71,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     worker.die_with_parent(args.parent)
     config, owner = worker.read_config()
-    setup_logging(config.log_level)
+    setup_logging(config.logging)
     tune_gc()
     worker.lower_priority(config.dispatch.process_nice)
     try:

@@ -550,6 +550,14 @@ class DispatchConfig(_Model):
     process_nice: int = Field(10, ge=0, le=19)
 
 
+class LoggingConfig(_Model):
+    """`logging:` (SPEC 11). Under systemd the format drops its timestamp and
+    prefixes syslog priorities by itself (mailbridge/logs.py)."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
+
+
 class Config(_Model):
     smtp: SmtpConfig = Field(default_factory=SmtpConfig)  # type: ignore[arg-type]
     store: StoreConfig
@@ -559,7 +567,21 @@ class Config(_Model):
     accounts: list[AccountConfig] = Field(min_length=1)
     blacklist: list[str] = Field(default_factory=list)  # numbers no account may send to
     dispatch: DispatchConfig = Field(default_factory=DispatchConfig)  # type: ignore[arg-type]
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    # The first releases' key, still read: `logging.level` is its new name.
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_log_level(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("log_level") is None:
+            return data
+        section = data.get("logging") or {}
+        if not isinstance(section, dict):
+            return data  # the field's own check names the problem
+        if section.get("level", data["log_level"]) != data["log_level"]:
+            raise ValueError("log_level and logging.level disagree: keep logging.level only")
+        return {**data, "logging": {**section, "level": data["log_level"]}}
 
 
 def _cross_section_problems(config: Config) -> list[str]:

@@ -27,6 +27,7 @@ from typing import NamedTuple
 from mailbridge.clock import Clock, nap
 from mailbridge.codes import Code
 from mailbridge.config import AccountConfig, DispatchConfig, ProviderConfig
+from mailbridge.logs import request_fields, request_tag, requests_tag
 from mailbridge.model import ClaimedRequest, PendingRecipient, RecipientResult
 from mailbridge.providers import (
     Outcome,
@@ -40,6 +41,21 @@ from mailbridge.store import Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
 PAGE = 5000  # recipients loaded at once from a large request
+# A request's provider calls log at INFO at most this often, each line with the
+# request's running total; the calls in between log at DEBUG. A 100 000-line
+# CSV is then a few lines, not a hundred identical ones.
+PROGRESS_S = 10.0
+FAILURES_SHOWN = 3  # numbers named in a line that groups many failures
+
+
+@dataclass
+class _Progress:
+    """A request's running total in this process, for its log lines."""
+
+    accepted: int = 0
+    failed: int = 0
+    calls: int = 0
+    logged_at: float = float("-inf")
 
 
 @dataclass
@@ -91,6 +107,22 @@ class _Item(NamedTuple):
     route: list[str]
 
 
+def _tag(claimed: ClaimedRequest) -> str:
+    return request_tag(claimed.id, claimed.email_id)
+
+
+def _tags(claims: Iterable[ClaimedRequest]) -> str:
+    return requests_tag((c.id, c.email_id) for c in claims)
+
+
+def _fields(claims: Iterable[ClaimedRequest]) -> dict[str, object]:
+    """`extra=` of a line about these requests: scalars for one, lists for several."""
+    items = list({c.id: c for c in claims}.values())
+    if len(items) == 1:
+        return request_fields(items[0].id, items[0].email_id)
+    return request_fields([c.id for c in items], [c.email_id for c in items])
+
+
 def _ids(ids: Iterable[int]) -> str:
     """Request ids for a log line: "7", "7, 9", "12-61 (50)"."""
     unique = sorted(set(ids))
@@ -136,6 +168,7 @@ class Dispatcher:
         # those whose lease another instance took over (work on them stops).
         self._held: set[int] = set()
         self._lost: set[int] = set()
+        self._progress: dict[int, _Progress] = {}  # per request, while process() has it
 
     async def _tell_up(self, name: str, up: bool, error: str | None = None) -> None:
         """Record a provider going down (circuit open, credentials refused) or up."""
@@ -253,7 +286,7 @@ class Dispatcher:
                 await self._send_page(by_id, pending)
             done = await self.store.finish_if_done(list(by_id), self.clock.time())
             for request_id in done:
-                log.info("request %d: every recipient has its code", request_id)
+                self._log_done(by_id[request_id])
             if done:
                 self.on_done()
             rest = [i for i in by_id if i not in set(done)]
@@ -272,6 +305,8 @@ class Dispatcher:
         finally:
             self._held.difference_update(c.id for c in claims)
             self._lost.difference_update(c.id for c in claims)
+            for c in claims:
+                self._progress.pop(c.id, None)
 
     async def _failed(self, claims: Sequence[ClaimedRequest], err: Exception) -> None:
         ids = [c.id for c in claims]
@@ -280,16 +315,20 @@ class Dispatcher:
                 # The store failed (disk full, locked), not these requests: retry at
                 # a steady pace without counting an attempt, so that the work
                 # resumes soon after the store does, however long the outage lasted.
-                log.error("requests %s: store unavailable: %s", _ids(ids), err)
+                log.error("%s: store unavailable: %s", _tags(claims), err, extra=_fields(claims))
                 due = self.clock.time() + backoff(self.config.provider_wait_s, 1)
                 await self.store.release_requests(ids, due, str(err)[:500], False)
                 return
             (claimed,) = claims
             attempts = claimed.attempts + 1
-            log.exception("request %d: unexpected error (attempt %d)", claimed.id, attempts)
+            tag, fields = request_tag(claimed.id, claimed.email_id), _fields(claims)
+            log.exception("%s: unexpected error (attempt %d)", tag, attempts, extra=fields)
             if attempts >= self.config.max_attempts:
                 await self.store.quarantine(claimed.id, f"{type(err).__name__}: {err}")
-                log.error("request %d: quarantined after %d attempts", claimed.id, attempts)
+                log.error(
+                    "%s: quarantined after %d attempts (`mailbridge queue retry %d` once fixed)",
+                    tag, attempts, claimed.id, extra=fields,
+                )  # fmt: skip
             else:
                 due = self.clock.time() + backoff(self.config.provider_wait_s, attempts)
                 await self.store.release_requests(ids, due, str(err)[:500], True)
@@ -316,14 +355,12 @@ class Dispatcher:
             if now >= self._expires_at(claimed):
                 # SPEC 8: a late alarm SMS is worse than a Not that says it failed.
                 why = f"not sent within dispatch.validity_s ({self.config.validity_s:g}s)"
-                log.warning("request %d: %s for %s: code 999", claimed.id, why, rcpt.number)
                 final.append(RecipientResult(rcpt.request_id, rcpt.idx, Code.ERROR, detail=why))
                 continue
             account = self.accounts.get(claimed.account)
             route = route_for(account, rcpt.number) if account is not None else []
             if rcpt.provider_index >= len(route):
                 why = "account no longer configured" if account is None else "no route"
-                log.warning("request %d: %s for %s: code 999", claimed.id, why, rcpt.number)
                 final.append(RecipientResult(rcpt.request_id, rcpt.idx, Code.ERROR, detail=why))
                 continue
             name = route[rcpt.provider_index]
@@ -357,7 +394,6 @@ class Dispatcher:
                 hold_end = min(self._hold_ends_at(claimed), self._expires_at(claimed))
                 if last and now >= hold_end:
                     why = f"{name} is down (its circuit is open) past dispatch.outage_hold_s"
-                    log.warning("request %d: %s for %s: code 999", claimed.id, why, rcpt.number)
                     final.append(
                         RecipientResult(rcpt.request_id, rcpt.idx, Code.ERROR, name, detail=why)
                     )
@@ -379,6 +415,8 @@ class Dispatcher:
             groups[name].append(_Item(claimed, rcpt, route))
         if final:
             await self.store.record_results(final, now)
+            numbers = {(r.request_id, r.idx): r.number for r in pending}
+            self._log_failures(claims, numbers, final)
         chunks = [
             (name, group[start : start + self.providers[name].max_batch])
             for name, group in groups.items()
@@ -464,7 +502,9 @@ class Dispatcher:
             if lost:
                 # Taken over by another instance while we waited: it sends them
                 # (their reserved credit stays used: credit errs on sending less).
-                log.error("requests %s: lease lost; their SMS are not sent here", _ids(lost))
+                gone = [i.claimed for i in chunk if i.claimed.id in lost]
+                log.error("%s: lease lost; their SMS are not sent here", _tags(gone),
+                          extra=_fields(gone))  # fmt: skip
                 self._lost |= lost
                 chunk = [i for i in chunk if i.claimed.id in kept]
                 results = [r for r in results if r.request_id in kept]
@@ -476,10 +516,11 @@ class Dispatcher:
             except ProviderAuthError as err:
                 calls.append((name, time.perf_counter() - started))
                 await self._tell_up(name, False, f"credentials refused: {err}"[:500])
+                held = [i.claimed for i in chunk]
                 log.error(
-                    "requests %s: PROVIDER %s REFUSED OUR CREDENTIALS: %s -- fix the"
-                    " configuration; the SMS stay queued",
-                    _ids(i.claimed.id for i in chunk), name, err,
+                    "%s: PROVIDER %s REFUSED OUR CREDENTIALS: %s -- fix the configuration;"
+                    " the SMS stay queued until dispatch.validity_s (%gs), then get 999",
+                    _tags(held), name, err, self.config.validity_s, extra=_fields(held),
                 )  # fmt: skip
                 # Not the recipients' fault: hold them without counting an attempt,
                 # until the validity ends (then 999: SPEC 8).
@@ -522,12 +563,71 @@ class Dispatcher:
                     )
                     results.append(self._decide(name, item, outcome, now, jitter))
         await self.store.record_results(results, self.clock.time(), calls)
-        log.info(
-            "requests %s: %s: %d submitted, %d accepted, %d final other, %d to retry",
-            _ids(i.claimed.id for i in group), name, len(chunk),
-            sum(1 for r in results if r.code == 0),
-            sum(1 for r in results if r.code not in (None, 0)),
+        self._log_call(name, group, len(chunk), results)
+
+    def _log_call(
+        self, name: str, group: Sequence[_Item], submitted: int, results: Sequence[RecipientResult]
+    ) -> None:
+        """One line per provider call (with each request's running total at most
+        every PROGRESS_S, else at DEBUG), and a WARNING per request and distinct
+        failure with the provider's own words."""
+        claims = {i.claimed.id: i.claimed for i in group}
+        accepted = sum(1 for r in results if r.code == 0)
+        failed = [r for r in results if r.code not in (None, 0)]
+        for r in results:
+            progress = self._progress.setdefault(r.request_id, _Progress())
+            progress.accepted += r.code == 0
+            progress.failed += r.code not in (None, 0)
+        now = time.monotonic()
+        totals = []
+        level = logging.DEBUG
+        for rid in claims:
+            progress = self._progress.setdefault(rid, _Progress())
+            progress.calls += 1
+            if now - progress.logged_at >= PROGRESS_S:
+                level = logging.INFO
+                progress.logged_at = now
+            if progress.calls > 1:
+                totals.append(f"{progress.accepted} accepted and {progress.failed} failed so far")
+        log.log(
+            level,
+            "%s: %s: %d submitted, %d accepted, %d final other, %d to retry%s",
+            _tags(claims.values()), name, submitted, accepted, len(failed),
             sum(1 for r in results if r.code is None),
+            f" ({'; '.join(totals)})" if len(totals) == 1 else "",
+            extra=_fields(claims.values()),
+        )  # fmt: skip
+        numbers = {(i.rcpt.request_id, i.rcpt.idx): i.rcpt.number for i in group}
+        self._log_failures(claims, numbers, failed)
+
+    def _log_failures(
+        self,
+        claims: Mapping[int, ClaimedRequest],
+        numbers: Mapping[tuple[int, int], str],
+        results: Sequence[RecipientResult],
+    ) -> None:
+        """A WARNING per request and distinct final failure, in the provider's own
+        words (SPEC 11): 500 numbers refused alike are one line, not 500."""
+        by_failure: dict[tuple[int, int, str, str], list[str]] = defaultdict(list)
+        for r in results:
+            if r.code is not None and r.code != 0:
+                key = (r.request_id, r.code, r.provider or "", r.detail or "(no text)")
+                by_failure[key].append(numbers.get((r.request_id, r.idx), "?"))
+        for (rid, code, provider, detail), failed_numbers in by_failure.items():
+            more = len(failed_numbers) - FAILURES_SHOWN
+            log.warning(
+                "%s: code %d for %s%s: %s%s",
+                _tag(claims[rid]), code, ", ".join(failed_numbers[:FAILURES_SHOWN]),
+                f" and {more} more" if more > 0 else "", f"{provider}: " if provider else "",
+                detail, extra=_fields([claims[rid]]),
+            )  # fmt: skip
+
+    def _log_done(self, claimed: ClaimedRequest) -> None:
+        progress = self._progress.pop(claimed.id, _Progress())
+        log.info(
+            "%s: every recipient has its code (%d accepted, %d failed, %d provider call(s)"
+            " from this process)", _tag(claimed), progress.accepted, progress.failed,
+            progress.calls, extra=_fields([claimed]),
         )  # fmt: skip
 
     def _message(self, item: _Item) -> SmsMessage:
@@ -584,9 +684,9 @@ class Dispatcher:
             )  # fmt: skip
         if rcpt.provider_index + 1 < len(route):
             log.warning(
-                "request %d: %s failed %d times for %s (%s); failing over to %s",
-                claimed.id, name, attempts, rcpt.number, outcome.detail,
-                route[rcpt.provider_index + 1],
+                "%s: %s failed %d times for %s (%s); failing over to %s",
+                _tag(claimed), name, attempts, rcpt.number, outcome.detail,
+                route[rcpt.provider_index + 1], extra=_fields([claimed]),
             )  # fmt: skip
             return RecipientResult(
                 rid, idx, None, name, None, outcome.detail, now, rcpt.provider_index + 1, 0,

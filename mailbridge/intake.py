@@ -46,6 +46,7 @@ from mailbridge.codes import Ack
 from mailbridge.config import AccountConfig, Config
 from mailbridge.envoi import Envoi, parse_envoi
 from mailbridge.limits import ConnectionGate, IntakeLimits, RateLimiter, client_key
+from mailbridge.logs import request_fields, request_tag
 from mailbridge.mime import BARE_ADDRESS, MailContent, parse_address, read_mail
 from mailbridge.model import NewRequest
 from mailbridge.plain import (
@@ -445,12 +446,12 @@ class IntakeHandler:
         req = ex.request
         to_send = sum(1 for r in req.recipients if r.code is None)
         log.info(
-            "request %d: account %s %s emailId %s from <%s> at %s: ack %d, %d recipient(s),"
-            " %d to send%s%s",
-            request_id, ex.account.label, ex.form, req.email_id or "?", mail_from, client_ip, ack,
-            len(req.recipients) if ack == 0 else 0, to_send if ack == 0 else 0,
+            "%s: account %s %s from <%s> at %s: ack %d, %d recipient(s), %d to send%s%s",
+            request_tag(request_id, req.email_id), ex.account.label, ex.form, mail_from,
+            client_ip, ack, len(req.recipients) if ack == 0 else 0, to_send if ack == 0 else 0,
             "".join(f"; {n}" for n in ex.checked.notes),
             "" if req.due_at <= req.received_at else f"; held until {ex.checked.due_at}",
+            extra=request_fields(request_id, req.email_id),
         )  # fmt: skip
 
     def examine(

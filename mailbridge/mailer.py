@@ -31,6 +31,7 @@ import aiosmtplib
 
 from mailbridge.clock import Clock, nap
 from mailbridge.config import RelayConfig, ReportsConfig
+from mailbridge.logs import request_fields, request_tag
 from mailbridge.model import ReportData, ReportJob
 from mailbridge.report import Rendered, ReplyContent, ReportRenderer, compose_mail
 from mailbridge.store import Store, StoreUnavailable
@@ -234,29 +235,34 @@ class Mailer:
         try:
             await self.sink.deliver(job, mail, self.config.envelope_from)
         except ReportRefused as err:
-            await self._give_up(job, f"refused: {err}")
+            await self._give_up(job, data, f"refused: {err}")
             return False
         except (TimeoutError, OSError, aiosmtplib.SMTPException) as err:
             now = self.clock.time()
             if now - job.created_at >= self.config.max_age_s:
-                await self._give_up(job, f"still failing after reports.max_age_s: {err}")
+                await self._give_up(job, data, f"still failing after reports.max_age_s: {err}")
                 return False
             delay = self._backoff(job.attempts)
             log.warning(
-                "request %d: %s report to %s not delivered (%s); retry in %.0fs",
-                job.request_id, job.kind, job.to_addr, err, delay,
+                "%s: %s report to %s not delivered (%s); retry in %.0fs",
+                request_tag(job.request_id, data.email_id), job.kind, job.to_addr, err, delay,
+                extra=request_fields(job.request_id, data.email_id),
             )  # fmt: skip
             await self.store.report_failed(job.id, now + delay, str(err)[:500])
             return False
         await self.store.report_sent(job.id, self.clock.time())
-        log.info("request %d: %s report delivered to %s", job.request_id, job.kind, job.to_addr)
+        log.info(
+            "%s: %s report delivered to %s", request_tag(job.request_id, data.email_id),
+            job.kind, job.to_addr, extra=request_fields(job.request_id, data.email_id),
+        )  # fmt: skip
         return True
 
-    async def _give_up(self, job: ReportJob, why: str) -> None:
+    async def _give_up(self, job: ReportJob, data: ReportData, why: str) -> None:
         log.error(
-            "request %d: %s report to %s FAILED for good: %s (see `mailbridge reports list`;"
+            "%s: %s report to %s FAILED for good: %s (see `mailbridge reports list`;"
             " `mailbridge reports retry %d` once fixed)",
-            job.request_id, job.kind, job.to_addr, why, job.id,
+            request_tag(job.request_id, data.email_id), job.kind, job.to_addr, why, job.id,
+            extra=request_fields(job.request_id, data.email_id),
         )  # fmt: skip
         await self.store.report_given_up(job.id, self.clock.time(), why[:500])
 

@@ -183,6 +183,7 @@ class DaemonProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
         self.http_port = 0  # when the config has an http: block
+        self.env: dict[str, str] = {}  # more environment for the daemon (JOURNAL_STREAM…)
 
     @property
     def outbox(self) -> Path:
@@ -196,7 +197,7 @@ class DaemonProcess:
         name = f"mailbridge-test-{secrets.token_hex(8)}"
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         sock.bind("\0" + name)
-        env = {**os.environ, "NOTIFY_SOCKET": "@" + name, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "NOTIFY_SOCKET": "@" + name, "PYTHONUNBUFFERED": "1", **self.env}
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mailbridge", "serve", "-c", str(self.config_path)],

@@ -288,7 +288,7 @@ def test_number_no_route_covers_gets_999(tmp_path: Path) -> None:
     finally:
         proc.stop()
     assert codes == [("0601020304", 999), ("+77011234567", 0)]
-    assert "no route for +33601020304" in proc.log()
+    assert "code 999 for +33601020304: no route" in proc.log()
 
 
 def test_check_config_online(

@@ -15,12 +15,16 @@ response when it is the API's own answer (the adapter reads it), else a
 Adapters add only their API's own codes on top (CM 101/103, sMsmode 31/32/50,
 Kcell's duplicate key...). Exceptions are mapped here, at the boundary, as
 httpx's own model has it (`TimeoutException`, `ConnectError`, `HTTPError`);
-nothing here retries, sleeps or logs. URLs in the texts lose their query and
-user info: sMsmode puts its access token in the query.
+nothing here retries or sleeps. Every call is summarised at DEBUG (method,
+url, sizes, status, time, the start of the answer; never a request body, which
+holds CM's token). URLs in the texts lose their query and user info: sMsmode
+puts its access token in the query.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Awaitable, Collection, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -39,6 +43,7 @@ from mailbridge.providers import (
 CREDENTIAL_STATUSES: frozenset[int] = frozenset({401, 403})
 WRONG_URL_STATUSES: frozenset[int] = frozenset({404, 405})  # 405: any method but the API's
 _EXCERPT = 200  # characters of an answer's body kept in a detail
+log = logging.getLogger("mailbridge.providers")
 
 
 class Failure(Enum):
@@ -118,10 +123,22 @@ class HttpRules:
 
     async def call(self, pending: Awaitable[httpx.Response]) -> httpx.Response | CallFailure:
         """Await an httpx call; its response, or the failure it was."""
+        started = time.perf_counter()
         try:
             resp = await pending
         except httpx.HTTPError as exc:
-            return self.transport_failure(exc)
+            failed = self.transport_failure(exc)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s: %s after %.0f ms", self.provider, failed.detail,
+                          (time.perf_counter() - started) * 1000)  # fmt: skip
+            return failed
+        if log.isEnabledFor(logging.DEBUG):
+            req = resp.request
+            log.debug(
+                "%s: %s %s (%s bytes) -> %s in %.0f ms, %d bytes%s", self.provider, req.method,
+                public_url(req.url), req.headers.get("content-length", "?"), status_text(resp),
+                (time.perf_counter() - started) * 1000, len(resp.content), _excerpt(resp),
+            )  # fmt: skip
         failure = self.status_failure(resp)
         return resp if failure is None else failure
 
