@@ -52,3 +52,14 @@ def test_quick_callbacks_benchmark_runs() -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     for line in ("bare aiohttp handler", "mailbridge /hooks/…/cm", "callback -> etatDlr mail"):
         assert line in proc.stdout, proc.stdout
+
+
+def test_quick_store_growth_runs_and_the_purge_keeps_email_ids() -> None:
+    """bench/store_growth.py --quick: the whole life of 20 emails on each store,
+    sizes before and after the purge (the script asserts the emailId is kept)."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "store_growth.py"), "--quick"],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| SQLite | " in proc.stdout
