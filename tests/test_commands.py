@@ -237,3 +237,27 @@ def test_status_says_whether_a_daemon_holds_the_store(tmp_path: Path) -> None:
     finally:
         assert proc.terminate() == 0
     assert "daemon: no daemon" in ok(cfg, "status")
+
+
+def test_commands_beside_a_writer_that_holds_the_store(tmp_path: Path) -> None:
+    """Reads never wait for a writer (WAL); a write that cannot get the lock
+    within store.busy_timeout_s is one clear line, not a traceback."""
+    import sqlite3
+
+    proc = DaemonProcess(tmp_path, config_dict(tmp_path)).start()
+    proc.stop()  # the store exists, at the current schema
+    raw = config_dict(tmp_path)
+    raw["store"]["busy_timeout_s"] = 0.5
+    cfg = DaemonProcess(tmp_path, raw).config_path
+    db = sqlite3.connect(tmp_path / "mailbridge.db", isolation_level=None)
+    try:
+        db.execute("BEGIN EXCLUSIVE")
+        assert "recipients waiting for a code: 0" in ok(cfg, "status")
+        assert json.loads(ok(cfg, "queue", "list", "--json")) == []
+        out = mailbridge(cfg, "queue", "retry", "--all")
+        assert out.returncode == 1 and "Traceback" not in out.stderr
+        assert "store unavailable" in out.stderr and "locked" in out.stderr
+    finally:
+        db.execute("ROLLBACK")
+        db.close()
+    assert "0 request(s) due now" in ok(cfg, "queue", "retry", "--all")

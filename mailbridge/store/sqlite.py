@@ -221,8 +221,34 @@ class SqliteBackend:
         return db
 
     def prepare(self, db: sqlite3.Connection) -> str:
-        db.executescript(SCHEMA)
-        self._migrate(db)
+        try:
+            return self._prepare(db)
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err):
+                raise
+            raise StoreUnavailable(
+                f"{self.path}: {err}: another process kept the write lock longer than"
+                f" store.busy_timeout_s ({self.busy_timeout_s:g}s)"
+            ) from None
+
+    def _current(self, db: sqlite3.Connection) -> str | None:
+        """The instance id when the file is already at SCHEMA_VERSION (a read:
+        the operator's commands open a busy store without waiting for its writer)."""
+        try:
+            rows = dict(db.execute("SELECT key, value FROM meta").fetchall())
+        except sqlite3.OperationalError as err:
+            if "no such table" in str(err):
+                return None
+            raise
+        if rows.get("schema_version") != str(SCHEMA_VERSION) or "instance_id" not in rows:
+            return None
+        return str(rows["instance_id"])
+
+    def _prepare(self, db: sqlite3.Connection) -> str:
+        instance = self._current(db)
+        if instance is None:
+            db.executescript(SCHEMA)
+            self._migrate(db)
         # After the schema: the cap stops growth, not the tables it needs.
         if self.max_size_mb is not None:
             page_size = int(db.execute("PRAGMA page_size").fetchone()[0])
@@ -234,6 +260,8 @@ class SqliteBackend:
                     "store: %s is already %.1f MB, over store.max_size_mb %.1f: it will not grow",
                     self.path, pages * page_size / 2**20, self.max_size_mb,
                 )  # fmt: skip
+        if instance is not None:
+            return instance
         self.begin(db)
         row = db.execute("SELECT value FROM meta WHERE key = 'instance_id'").fetchone()
         if row is None:
