@@ -589,12 +589,18 @@ class Dispatcher:
                 progress.logged_at = now
             if progress.calls > 1:
                 totals.append(f"{progress.accepted} accepted and {progress.failed} failed so far")
+        retried = [r for r in results if r.code is None]
+        why = ""
+        if submitted and retried and not accepted and not failed:
+            # The call failed as a whole (an outage, a timeout): say so, in the
+            # provider's words, where an operator looks first.
+            level = max(level, logging.WARNING)
+            why = f"; {retried[0].detail}" if retried[0].detail else ""
         log.log(
             level,
-            "%s: %s: %d submitted, %d accepted, %d final other, %d to retry%s",
-            _tags(claims.values()), name, submitted, accepted, len(failed),
-            sum(1 for r in results if r.code is None),
-            f" ({'; '.join(totals)})" if len(totals) == 1 else "",
+            "%s: %s: %d submitted, %d accepted, %d final other, %d to retry%s%s",
+            _tags(claims.values()), name, submitted, accepted, len(failed), len(retried),
+            f" ({'; '.join(totals)})" if len(totals) == 1 else "", why,
             extra=_fields(claims.values()),
         )  # fmt: skip
         numbers = {(i.rcpt.request_id, i.rcpt.idx): i.rcpt.number for i in group}

@@ -220,3 +220,22 @@ def test_debug_summarises_provider_calls_without_secrets(
     assert cm_line and f"{server.url}{FakeCm.PATH} (" in cm_line[0] and "-> HTTP 200 OK in" in log
     assert "DEBUG mailbridge.providers: smsmode: " in log
     assert FakeCm.TOKEN not in log and "sEcReTtOkEn" not in log
+
+
+def test_a_provider_outage_is_a_warning_in_its_own_words(
+    tmp_path: Path, cm: tuple[FakeCm, ProviderServer]
+) -> None:
+    fake, server = cm
+    fake.fail_next(1, status=503)
+    proc = cm_daemon(tmp_path, server).start()
+    try:
+        code, text = proc.send(request_mail(num="0601020304", sms="x", emailId="down-1"))
+        rid = int(text.rsplit(" ", 1)[1])
+        codes = not_codes(wait_reports(proc.maildir, "down-1")["not"][0])
+    finally:
+        proc.stop()
+    assert codes == [("0601020304", 0)]  # the retry went through
+    tag = f"request {rid} emailId down-1"
+    (line,) = [ln for ln in proc.log().splitlines() if "1 to retry" in ln]
+    assert f"WARNING mailbridge.dispatch: {tag}: cm: 1 submitted, 0 accepted" in line
+    assert "HTTP 503" in line
