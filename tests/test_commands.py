@@ -132,10 +132,11 @@ def test_refused_credentials_end_in_999_at_validity_s(
     tmp_path: Path, cm: tuple[FakeCm, ProviderServer]
 ) -> None:
     """SPEC 8 as a newcomer sees it: held loudly, then 999 once validity_s is over
-    (3 s here for the test's sake; the default is a day)."""
+    (10 s here for the test's sake, long enough for a first attempt on a loaded
+    machine; the default is a day)."""
     fake, server = cm
     fake.token = WRONG_TOKEN
-    proc = cm_daemon(tmp_path, server, None, validity_s=3)
+    proc = cm_daemon(tmp_path, server, None, validity_s=10)
     try:
         sent = time.monotonic()
         assert proc.send(request_mail(num="0601020304", sms="x", emailId="late"))[0] == 250
@@ -144,11 +145,11 @@ def test_refused_credentials_end_in_999_at_validity_s(
     finally:
         proc.stop()
     assert not_codes(nots[0]) == [("0601020304", 999)]
-    assert waited >= 3.0  # held until the validity ended, not failed at once
+    assert waited >= 10.0  # held until the validity ended, not failed at once
     log = proc.log()
     error = [ln for ln in log.splitlines() if "REFUSED OUR CREDENTIALS" in ln]
     assert error and all(" ERROR " in ln for ln in error), log
-    assert "not sent within dispatch.validity_s (3s)" in log
+    assert "not sent within dispatch.validity_s (10s)" in log
 
 
 def test_a_report_the_relay_refuses_for_good_fails_once_and_can_be_retried(
