@@ -169,7 +169,7 @@ def test_request_through_postfix_sms_and_reports_back_through_postfix(bridge: Br
     assert "status=sent (250 2.0.0 Ok: queued as " in line, line
     request_id = int(line.rsplit("queued as ", 1)[1].rstrip(")"))
     # mailbridge saw Postfix as the client, and the client's envelope sender.
-    seen = f"request {request_id}: account test envoi emailId 1548 from <{SENDER}> at 127.0.0.1"
+    seen = f"request {request_id} emailId 1548: account test envoi from <{SENDER}> at 127.0.0.1"
     assert seen in bridge.daemon.log()
     sms = wait_for(
         lambda: [x for x in outbox_lines(bridge.daemon.outbox) if x["request_id"] == request_id],
