@@ -146,6 +146,7 @@ class SmppProvider:
                 "in doubt: an earlier submission may have reached the SMSC; SMPP has no"
                 " idempotency key, so it is not sent again"
             )
+            log.warning("%s: %s: %s: code 999", self.name, m.to, why)
             return Outcome(m.key, Code.ERROR, detail=why), False
         try:
             parts = pdu.split_parts(
@@ -176,6 +177,7 @@ class SmppProvider:
                     return Outcome(m.key, Code.ERROR, pdu.join_ids(ids), detail), False
                 except InDoubt as err:
                     detail = f"{where} in doubt, not sent again: {err}"
+                    log.warning("%s: %s: %s: code 999", self.name, m.to, detail)
                     return Outcome(m.key, Code.ERROR, pdu.join_ids(ids) or None, detail), False
                 if resp.status in pdu.SLOW_DOWN:
                     if time.time() >= limit:

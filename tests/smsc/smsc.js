@@ -151,7 +151,7 @@ function onSubmit(session, pdu) {
   const sm = pdu.short_message || {};
   const udh = (sm.udh || []).map(hex);
   const event = {
-    kind: 'submit', session: session.number, seq: pdu.sequence_number,
+    kind: 'submit', session: session.number, seq: pdu.sequence_number, received: Date.now(),
     source_addr: pdu.source_addr, source_addr_ton: pdu.source_addr_ton,
     source_addr_npi: pdu.source_addr_npi, destination_addr: pdu.destination_addr,
     dest_addr_ton: pdu.dest_addr_ton, dest_addr_npi: pdu.dest_addr_npi,
@@ -175,6 +175,12 @@ function onSubmit(session, pdu) {
   session.max_outstanding = Math.max(session.max_outstanding, session.outstanding);
   const answer = () => {
     session.outstanding -= 1;
+    if (session.socket.destroyed) {
+      // Dropped while this one waited (delay): received, never answered.
+      event.answer = 'unanswered';
+      note(event);
+      return;
+    }
     if (throttle.n > 0) {
       throttle.n -= 1;
       state.throttled += 1;
