@@ -301,7 +301,8 @@ class _Bind:
             self.waiting.pop(sequence, None)
             raise
         try:
-            return await asyncio.wait_for(future, self.pool.config.response_timeout_s)
+            async with asyncio.timeout(self.pool.config.response_timeout_s):
+                return await future
         finally:
             self.waiting.pop(sequence, None)
 
@@ -432,9 +433,13 @@ class SmppPool:
                     why = self.refused or self.last_error or "no bind up"
                     raise NotSent(f"{self.name}: {why}", refused=self.refused is not None)
             try:
-                # While binds are up, a full window is a normal wait: look at the
-                # binds again every second in case they all drop meanwhile.
-                slot = await asyncio.wait_for(self.slots.get(), 1.0)
+                if self.slots.empty():
+                    # While binds are up, a full window is a normal wait: look at
+                    # the binds again every second in case they all drop meanwhile.
+                    async with asyncio.timeout(1.0):
+                        slot = await self.slots.get()
+                else:
+                    slot = self.slots.get_nowait()
             except TimeoutError:
                 if self.bound:
                     deadline = time.monotonic() + patience_s
