@@ -118,10 +118,14 @@ class _Bind:
                 if self.pool.refused is None:
                     log.warning("%s", self.pool.last_error)
                 self.pool.changed()
+            except Exception:  # a bug must not end the binds for good
+                log.exception("%s: unexpected error while binding", self.label)
             else:
                 delay = RECONNECT_MIN_S
                 try:
                     await self._serve(reader)
+                except Exception:
+                    log.exception("%s: unexpected error on the bind", self.label)
                 finally:
                     self._down("connection lost")
                 if self.pool.closing:
