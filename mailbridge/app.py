@@ -22,7 +22,7 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -34,7 +34,8 @@ from mailbridge.config import Config, ProviderConfig, SmsmodeProviderConfig, par
 from mailbridge.dispatch import Dispatcher
 from mailbridge.feedback import FeedbackRules, FeedbackStage
 from mailbridge.mailer import Mailer, ReportSink, make_sink
-from mailbridge.providers import Provider, build_provider
+from mailbridge.model import InboundEvent
+from mailbridge.providers import ListeningProvider, Provider, build_provider
 from mailbridge.report import ReportRenderer
 from mailbridge.sdnotify import notify, watchdog_interval
 from mailbridge.store import Store, StoreUnavailable, acquire_store_lock, open_store
@@ -85,6 +86,7 @@ class SendSide:
         `work` says new requests may be due, `reports` new reports, `events`
         new delivery reports or replies.
         """
+        await self._listen(events)
         await asyncio.gather(
             self.dispatcher.run(work, stopping, STOP_GRACE_S),
             self.mailer.run(reports, stopping),
@@ -92,6 +94,19 @@ class SendSide:
             self._heartbeat(stopping),
             self._purge_daily(stopping),
         )
+
+    async def _listen(self, events: asyncio.Event) -> None:
+        """Open the providers that bring their own reports (SMPP binds): what
+        they receive is stored here, in the worker, and matched by the feedback
+        stage like the HTTP receiver's callbacks."""
+
+        async def store(found: Sequence[InboundEvent]) -> None:
+            await self.store.add_events(found, self.clock.time())
+            events.set()
+
+        for provider in self.providers.values():
+            if isinstance(provider, ListeningProvider):
+                await provider.start(store)
 
     async def _purge_daily(self, stopping: asyncio.Event) -> None:
         """store.retention_days (SPEC 11): finished requests older than that lose
@@ -184,6 +199,10 @@ def feedback_rules(config: Config) -> FeedbackRules:
     by_type: dict[str, list[str]] = {}
     for name, pc in config.providers.items():
         by_type.setdefault(pc.type, []).append(name)
+        if pc.type == "smpp":
+            # SMPP events name their bind's provider ("smpp:<name>"): two SMSCs
+            # numbering their message ids alike never match each other's.
+            by_type[f"smpp:{name}"] = [name]
     return FeedbackRules(
         providers_by_type={t: tuple(names) for t, names in by_type.items()},
         reply_to={a.keyid: a.reply_to for a in config.accounts},

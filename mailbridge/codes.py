@@ -232,3 +232,21 @@ def kcell_failure(error_code: object, error_message: str) -> ProviderFailure:
 
 
 # --- end Kcell SMSGW2 ---
+
+# --- SMPP 3.4 (providers/smpp.py; SPEC section 10) ---
+# submit_sm_resp command_status. ESME_RTHROTTLED (0x58) and ESME_RMSGQFUL (0x14)
+# are not here: the adapter pauses and submits the same part again. Refused
+# binds (0x0D, 0x0E, 0x0F) raise ProviderAuthError. Anything else is OTHER.
+SMPP_FAILURES: dict[int, ProviderFailure] = {
+    0x00: ProviderFailure.ACCEPTED,
+    0x0B: ProviderFailure.INVALID_NUMBER,  # ESME_RINVDSTADR
+    0x0A: ProviderFailure.SENDER_REFUSED,  # ESME_RINVSRCADR
+}
+
+
+def smpp_failure(status: int) -> ProviderFailure:
+    """Classify a submit_sm_resp command_status (SPEC 10: 0x0B -> 7, 0x0A -> 33, else 999)."""
+    return SMPP_FAILURES.get(status, ProviderFailure.OTHER)
+
+
+# --- end SMPP ---

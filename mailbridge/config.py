@@ -311,8 +311,44 @@ class KcellProviderConfig(_ProviderBase):
     time_bounds: Literal["def", "wd99", "wd911", "ad96", "ad99", "ad911", "full"] | None = "full"
 
 
+class SmppProviderConfig(_ProviderBase):
+    """An SMPP 3.4 SMSC (SPEC section 10; docs/providers.md "SMPP")."""
+
+    type: Literal["smpp"]
+    host: str = Field(min_length=1)
+    port: int = Field(2775, ge=1, le=65535)
+    tls: bool = False  # TLS to the SMSC (its port is then usually 3550 or 8775)
+    # SMPP 3.4 sizes: system_id at most 15 characters, password 8, system_type 12.
+    system_id: str = Field(min_length=1, max_length=15)
+    password: str = Field("", max_length=8, repr=False)
+    system_type: str = Field("", max_length=12)
+    binds: int = Field(1, ge=1, le=16)  # transceiver binds kept open
+    window: int = Field(10, ge=1, le=1000)  # submit_sm without a response, per bind
+    # Message parts per second, all binds together (0: no limit): what the SMSC
+    # operator's contract allows; above it the SMSC answers ESME_RTHROTTLED.
+    throughput: float = Field(50.0, ge=0)
+    enquire_link_s: float = Field(30.0, gt=0)  # an idle bind is checked this often
+    response_timeout_s: float = Field(10.0, gt=0)  # for every response, the bind's too
+    registered_delivery: bool = True  # ask for a receipt for every part
+    # How receipts write the submit_sm_resp message_id: as it is, or that hex id
+    # in decimal (hex_to_dec), or that decimal id in hex (dec_to_hex).
+    message_id_format: Literal["same", "hex_to_dec", "dec_to_hex"] = "same"
+    data_coding_gsm7: int = Field(0, ge=0, le=255)  # data_coding for GSM-7 text
+
+    @field_validator("system_id", "password", "system_type")
+    @classmethod
+    def _ascii(cls, v: str) -> str:
+        if not v.isascii() or "\0" in v:
+            raise ValueError("SMPP C-octet strings are ASCII without NUL")
+        return v
+
+
 ProviderConfig = Annotated[
-    OutboxProviderConfig | CmProviderConfig | SmsmodeProviderConfig | KcellProviderConfig,
+    OutboxProviderConfig
+    | CmProviderConfig
+    | SmsmodeProviderConfig
+    | KcellProviderConfig
+    | SmppProviderConfig,
     Field(discriminator="type"),
 ]
 
@@ -718,7 +754,7 @@ def _format_loc(loc: tuple[int | str, ...]) -> str:
             out += f"[{part}]"
         elif part in ("function-after", "function-before") or "[" in str(part):
             continue  # pydantic's internal validator names, not keys
-        elif part in ("outbox", "cm", "smsmode", "kcell") and out.startswith("providers."):
+        elif part in ("outbox", "cm", "smsmode", "kcell", "smpp") and out.startswith("providers."):
             continue  # the discriminator tag pydantic inserts, not a key
         else:
             out += f".{part}" if out else str(part)

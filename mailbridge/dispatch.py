@@ -380,6 +380,7 @@ class Dispatcher:
                             due_at=now,
                             provider_index=rcpt.provider_index,
                             attempts=rcpt.attempts,
+                            unsent=True,
                         )
                     )
                     continue
@@ -409,6 +410,7 @@ class Dispatcher:
                         min(breaker.open_until, hold_end) if last else now,
                         rcpt.provider_index if last else rcpt.provider_index + 1,
                         rcpt.attempts if last else 0,
+                        unsent=True,
                     )  # fmt: skip
                 )
                 continue
@@ -540,6 +542,7 @@ class Dispatcher:
                         i.rcpt.provider_index,
                         i.rcpt.attempts,
                         refund_parts=i.rcpt.parts,
+                        unsent=True,  # refused: nothing reached the provider
                     )  # fmt: skip
                     for i in chunk
                 ]
@@ -686,7 +689,7 @@ class Dispatcher:
             due = now + backoff(settings.retry_backoff_s, attempts, jitter)
             return RecipientResult(
                 rid, idx, None, name, None, outcome.detail, due, rcpt.provider_index, attempts,
-                refund_parts=rcpt.parts,
+                refund_parts=rcpt.parts, unsent=outcome.unsent,
             )  # fmt: skip
         if rcpt.provider_index + 1 < len(route):
             log.warning(
@@ -696,7 +699,7 @@ class Dispatcher:
             )  # fmt: skip
             return RecipientResult(
                 rid, idx, None, name, None, outcome.detail, now, rcpt.provider_index + 1, 0,
-                refund_parts=rcpt.parts,
+                refund_parts=rcpt.parts, unsent=outcome.unsent,
             )  # fmt: skip
         breaker = self.breakers[name]
         if not breaker.allows(now) and now < self._hold_ends_at(claimed):
@@ -705,6 +708,7 @@ class Dispatcher:
             return RecipientResult(
                 rid, idx, None, name, None, f"{name} is down: {outcome.detail}",
                 breaker.open_until, rcpt.provider_index, attempts, refund_parts=rcpt.parts,
+                unsent=outcome.unsent,
             )  # fmt: skip
         return RecipientResult(
             rid, idx, outcome.code, name, None, outcome.detail, now, rcpt.provider_index,

@@ -102,6 +102,9 @@ class RecipientResult:
     provider_index: int = 0
     attempts: int = 0
     refund_parts: int = 0  # credit reserved for this attempt and not used
+    # True: nothing of this attempt reached a provider (refused bind, circuit open,
+    # no connection): a retry is then not in doubt (SMPP never resends in doubt).
+    unsent: bool = False
 
 
 @dataclass(frozen=True, slots=True)

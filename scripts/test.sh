@@ -22,6 +22,8 @@ done
 ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || missing+=(postgresql)
 # promtool (Debian's prometheus package) checks docs/alerts.yml (tests/test_docs.py).
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+# node and npm run the SMSC peer of the SMPP tests (tests/smsc, node-smpp).
+command -v npm >/dev/null 2>&1 || missing+=(nodejs npm)
 if [ ${#missing[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   echo "postfix postfix/main_mailer_type select No configuration" | $SUDO debconf-set-selections
@@ -29,6 +31,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
     "${missing[@]}" >/dev/null
 fi
+
+# The SMSC peer's pinned packages (tests/smsc/package-lock.json), once.
+[ -d tests/smsc/node_modules/smpp ] || (cd tests/smsc && npm ci --no-audit --no-fund --loglevel=error)
 
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip

@@ -18,6 +18,7 @@ import pytest
 from mailbridge.config import StoreConfig
 from mailbridge.store.sqlstore import SqlStore
 from tests.pg import PgCluster, pg_bin
+from tests.smsc_peer import smsc  # noqa: F401  (the SMSC peer, for every SMPP test)
 
 
 @pytest.fixture(scope="session")

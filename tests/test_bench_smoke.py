@@ -7,9 +7,12 @@ end against the real daemon and reports every figure."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -63,3 +66,21 @@ def test_quick_store_growth_runs_and_the_purge_keeps_email_ids() -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| SQLite | " in proc.stdout
+
+
+def test_quick_smpp_benchmark_runs() -> None:
+    """bench/smpp.py --quick: the daemon bound to the node-smpp SMSC at two windows."""
+    from tests.smsc_peer import smsc_available
+
+    why = smsc_available()
+    if why is not None:
+        if os.environ.get("CI"):
+            raise AssertionError(f"the SMSC peer must run on CI: {why}")
+        pytest.skip(why)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "smpp.py"), "--quick"],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| 0 ms |")]
+    assert len(rows) == 2, proc.stdout

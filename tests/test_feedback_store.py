@@ -215,3 +215,65 @@ async def test_a_report_with_an_old_provider_time_is_mailed_now(store: SqlStore)
     (job,) = [j for j in await store.claim_reports(NOW + 5, 100, 60) if j.kind == "dlr"]
     assert job.request_id == rid
     assert [r[4] for r in await store.delivery_rows(job.id)] == [old, old]
+
+
+# -- SMPP: one receipt per part (SPEC section 10) --------------------------------------
+
+SMPP_RULES = FeedbackRules(
+    providers_by_type={"smpp": ("smsc",), "smpp:smsc": ("smsc",), "smpp:other": ("other",)},
+    reply_to={"key": None},
+    delivery_report_delay_s=3600,
+    delivery_report_max_age_s=86400,
+)
+
+
+def part_dlr(message_id: str, status: str, provider: str = "smpp:smsc") -> DeliveryEvent:
+    return dlr(message_id, status, provider=provider, key=f"{provider}:{message_id}:{status}")
+
+
+async def smpp_sent(store: SqlStore, email_id: str, ids: list[str]) -> int:
+    rid = (
+        await store.add_request(
+            new_request(email_id, recipients=two_numbers(), dlr_to="dlr@c.test")
+        )
+    ).request_id
+    await store.record_results(
+        [RecipientResult(rid, i, 0, "smsc", mid) for i, mid in enumerate(ids, start=1)], NOW
+    )
+    assert await store.finish_if_done([rid], NOW) == [rid]
+    return rid
+
+
+async def statuses(store: SqlStore, now: float) -> list[str]:
+    await store.queue_delivery_reports(now, SMPP_RULES)
+    (job,) = [j for j in await store.claim_reports(now, 100, 60) if j.kind == "dlr"]
+    return [r[2] for r in await store.delivery_rows(job.id)]
+
+
+async def test_multipart_is_delivered_when_every_part_is(store: SqlStore) -> None:
+    await smpp_sent(store, "p1", ["a1 a2 a3", "b1 b2"])
+    await store.add_events([part_dlr("a1", "DELIVRE"), part_dlr("a3", "DELIVRE")], NOW)
+    await store.add_events([part_dlr("b2", "DELIVRE")], NOW)
+    assert (await store.process_events(NOW, 100, SMPP_RULES)).matched == 3
+    assert await store.queue_delivery_reports(NOW, SMPP_RULES) == 0  # a2 and b1 missing
+    # The first final failure of a part decides, whatever comes after it.
+    await store.add_events([part_dlr("b1", "NON_DELIVRE"), part_dlr("a2", "DELIVRE")], NOW + 1)
+    await store.process_events(NOW + 1, 100, SMPP_RULES)
+    assert await statuses(store, NOW + 1) == ["DELIVRE", "NON_DELIVRE"]
+
+
+async def test_part_receipt_before_its_ids_are_recorded(store: SqlStore) -> None:
+    await store.add_events([part_dlr("c2", "DELIVRE"), part_dlr("c1", "DELIVRE")], NOW)
+    assert (await store.process_events(NOW, 100, SMPP_RULES)).waiting == 2
+    await smpp_sent(store, "p2", ["c1 c2", "d1"])
+    assert (await store.process_events(NOW, 100, SMPP_RULES)).matched == 2
+    await store.add_events([part_dlr("d1", "EXPIRE")], NOW)
+    await store.process_events(NOW, 100, SMPP_RULES)
+    assert await statuses(store, NOW) == ["DELIVRE", "EXPIRE"]
+
+
+async def test_smpp_ids_match_within_their_provider_only(store: SqlStore) -> None:
+    await smpp_sent(store, "p3", ["e1 e2", "f1"])
+    await store.add_events([part_dlr("e1", "DELIVRE", provider="smpp:other")], NOW)
+    done = await store.process_events(NOW, 100, SMPP_RULES)
+    assert (done.matched, done.waiting) == (0, 1)

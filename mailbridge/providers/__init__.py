@@ -17,14 +17,15 @@ themselves and never touch the store.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     import httpx
 
     from mailbridge.config import ProviderConfig
+    from mailbridge.model import InboundEvent
 
 Encoding = Literal["gsm7", "ucs2"]
 
@@ -61,6 +62,9 @@ class Outcome:
     # True: this message failed in a way worth retrying (e.g. throttled inside a
     # batch); `code` is what it gets if retries run out.
     retry: bool = False
+    # True (with retry): the provider certainly did not get this message, so the
+    # next attempt is not `in_doubt` (SMPP knows which parts it never wrote).
+    unsent: bool = False
 
 
 class ProviderError(Exception):
@@ -99,12 +103,27 @@ class Provider(Protocol):
         ...
 
 
+# Stores delivery and reply events durably (the worker's store), then returns.
+EventSink = Callable[[Sequence["InboundEvent"]], Awaitable[None]]
+
+
+@runtime_checkable
+class ListeningProvider(Protocol):
+    """A provider that keeps connections open and gets its delivery reports and
+    replies over them (SMPP), not through the HTTP receiver."""
+
+    async def start(self, sink: EventSink) -> None:
+        """Open the connections; events that come over them go to `sink`."""
+        ...
+
+
 # Provider type (config `type:`) -> the module whose `build(name, config, http)` makes it.
 PROVIDER_MODULES = {
     "outbox": "mailbridge.providers.outbox",
     "cm": "mailbridge.providers.cm",
     "smsmode": "mailbridge.providers.smsmode",
     "kcell": "mailbridge.providers.kcell",
+    "smpp": "mailbridge.providers.smpp",
 }
 
 

@@ -204,7 +204,7 @@ def purge(tx: Tx, before: float, limit: int) -> int:
     if not ids:
         return 0
     where, params = _ids_where(ids, column="request_id", prefix="")
-    for table in ("recipients", "reports", "events"):
+    for table in ("recipients", "reports", "events", "message_parts"):
         tx.execute(f"DELETE FROM {table} WHERE {where}", params)
     tx.execute(f"DELETE FROM requests WHERE {_ids_where(ids, 'id', '')[0]}", params)
     return len(ids)

@@ -26,7 +26,7 @@ from mailbridge.store import StoreUnavailable
 # In dependency order; heartbeats are not copied (they describe live processes).
 TABLES = (
     "requests", "email_ids", "recipients", "reports", "credits", "events", "blacklist",
-    "counters", "provider_state",
+    "counters", "provider_state", "message_parts",
 )  # fmt: skip
 IDENTITIES = (("requests", "id"), ("reports", "id"), ("events", "id"))
 

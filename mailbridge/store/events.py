@@ -21,7 +21,7 @@ from mailbridge.feedback import (
     is_stop,
 )
 from mailbridge.metrics import HISTOGRAM, call_buckets
-from mailbridge.model import FINAL_STATUSES, DeliveryEvent, InboundEvent
+from mailbridge.model import FINAL_STATUSES, DeliveryEvent, InboundEvent, RecipientResult
 from mailbridge.store.engine import Tx
 
 LABEL_SEP = "\x1f"
@@ -114,6 +114,15 @@ def _find_recipient(
             " ORDER BY request_id DESC, idx LIMIT 1",
             (message_id, number, number, *names),
         ).fetchone()
+        if row is None:
+            # One part of a multipart SMS (SMPP: each part has its own id).
+            row = tx.execute(
+                "SELECT r.request_id, r.idx FROM message_parts m JOIN recipients r"
+                " ON r.request_id = m.request_id AND r.idx = m.idx WHERE m.message_id = ?"
+                f" AND (CAST(? AS TEXT) IS NULL OR r.number = ?) AND r.provider IN ({marks})"
+                " ORDER BY r.request_id DESC, r.idx LIMIT 1",
+                (message_id, number, number, *names),
+            ).fetchone()
         return None if row is None else (int(row[0]), int(row[1]))
     if number is None:
         return None
@@ -202,16 +211,61 @@ def process_events(tx: Tx, now: float, limit: int, rules: FeedbackRules) -> Feed
         )
         done.matched += 1
         if kind == "dlr":
-            _apply_delivery(tx, request_id, idx, status, text, occurred or received, now)
+            at = occurred or received
+            if ptype.startswith("smpp"):
+                status, text, at = _whole_message(tx, request_id, idx, status, text, at)
+            _apply_delivery(tx, request_id, idx, status, text, at, now)
         else:
             _apply_reply(tx, rules, eid, number, text, request_id, now, done)
     return done
 
 
+def _whole_message(
+    tx: Tx, request_id: int, idx: int, status: str, text: str, at: float
+) -> tuple[str, str, float]:
+    """The status of a recipient whose SMS went in several parts, each with its
+    own id and receipt (SPEC 10): DELIVRE once every part is, else the first
+    final failure to arrive; until then in progress. A single part: as it is."""
+    (stored,) = tx.execute(
+        "SELECT provider_message_id FROM recipients WHERE request_id = ? AND idx = ?",
+        (request_id, idx),
+    ).fetchone()
+    ids = set(str(stored or "").split())
+    if len(ids) < 2:
+        return status, text, at
+    finals: dict[str, tuple[str, str, float]] = {}  # part id -> its first final report
+    for mid, st, words, occurred, received in tx.execute(
+        "SELECT message_id, status, text, occurred_at, received_at FROM events"
+        " WHERE request_id = ? AND idx = ? AND kind = 'dlr' AND state = 'matched' ORDER BY id",
+        (request_id, idx),
+    ):
+        if mid in ids and is_final(st) and mid not in finals:
+            finals[mid] = (str(st), str(words or ""), float(occurred or received))
+    failures = [f for f in finals.values() if f[0] != "DELIVRE"]
+    if failures:
+        return failures[0]
+    if len(finals) == len(ids):
+        return "DELIVRE", "", max(f[2] for f in finals.values())
+    return "EN_COURS", f"{len(finals)} of {len(ids)} parts delivered", at
+
+
+def record_parts(tx: Tx, results: Iterable[RecipientResult]) -> None:
+    """Each part id of the multipart SMS among `results` (provider_message_id
+    holding several space-separated ids, as the SMPP provider writes it)."""
+    rows = [
+        (mid, r.request_id, r.idx, part)
+        for r in results
+        if r.code == 0 and r.provider_message_id and " " in r.provider_message_id
+        for part, mid in enumerate(r.provider_message_id.split(), 1)
+    ]
+    tx.executemany("INSERT INTO message_parts VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING", rows)
+
+
 def retry_waiting_events(tx: Tx, message_ids: Iterable[str | None], now: float) -> None:
     """The dispatcher recorded these provider message ids: waiting events for
-    them are due now (a report that arrived before its message is matched)."""
-    ids = sorted({m for m in message_ids if m})
+    them are due now (a report that arrived before its message is matched);
+    a multipart SMS's value names each part's id."""
+    ids = sorted({part for m in message_ids if m for part in m.split()})
     for start in range(0, len(ids), 500):
         chunk = ids[start : start + 500]
         tx.execute(

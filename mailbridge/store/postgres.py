@@ -179,6 +179,18 @@ MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE requests ADD COLUMN first_due_at DOUBLE PRECISION",
         "UPDATE requests SET first_due_at = due_at",
     ],
+    # The ids of a multipart SMS's parts (SMPP: one message_id per submit_sm), so
+    # that a receipt naming one part finds its recipient (SPEC 10).
+    3: [
+        """CREATE TABLE message_parts (
+        message_id TEXT NOT NULL,            -- one part's id (SMPP submit_sm_resp)
+        request_id BIGINT NOT NULL,
+        idx INTEGER NOT NULL,
+        part INTEGER NOT NULL,               -- 1..n, in the order sent
+        PRIMARY KEY (request_id, idx, part)
+    )""",
+        "CREATE INDEX message_parts_id ON message_parts (message_id)",
+    ],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

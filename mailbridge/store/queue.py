@@ -266,19 +266,20 @@ def record_results(
     for r in results:
         key = (
             r.code, r.provider, r.provider_message_id, r.detail, r.due_at, r.provider_index,
-            r.attempts, r.request_id,
+            r.attempts, r.request_id, r.code is None and not r.unsent,
         )  # fmt: skip
         same.setdefault(key, []).append(r.idx)
     tx.executemany(
         "UPDATE recipients SET code = ?, provider = coalesce(?, provider),"
         " provider_message_id = coalesce(?, provider_message_id), detail = ?, due_at = ?,"
         " provider_index = ?, attempts = ?, submitting = 0,"
-        " in_doubt = CASE WHEN CAST(? AS INTEGER) IS NULL THEN 1 ELSE in_doubt END,"
+        # A retry is in doubt unless the attempt certainly reached no provider.
+        " in_doubt = CASE WHEN CAST(? AS INTEGER) = 1 THEN 1 ELSE in_doubt END,"
         " done_at = CASE WHEN CAST(? AS INTEGER) IS NULL THEN NULL"
         "  ELSE CAST(? AS DOUBLE PRECISION) END"
         " WHERE request_id = ? AND idx BETWEEN ? AND ? AND code IS NULL",
         (
-            (*key[:7], key[0], key[0], now, key[7], first, last)
+            (*key[:7], int(key[8]), key[0], now, key[7], first, last)
             for key, idxs in same.items()
             for first, last in runs(idxs)
         ),
@@ -292,6 +293,7 @@ def record_results(
             refunds[r.request_id] = refunds.get(r.request_id, 0) + r.refund_parts
     ev.observe_calls(counts, calls)
     ev.bump(tx, counts)
+    ev.record_parts(tx, results)
     # A delivery report that came before its message id was recorded is due now.
     ev.retry_waiting_events(tx, (r.provider_message_id for r in results), now)
     tx.executemany(
