@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, TypeVar
 
 from mailbridge.config import Config
@@ -322,6 +323,12 @@ def add_commands(add: Callable[[str, str], argparse.ArgumentParser]) -> None:
     rd = rsub.add_parser("drop", help="a pending or failed report: never sent")
     rd.add_argument("id", type=int)
     rd.set_defaults(command_func=cmd_reports_drop)
+    # `queue list -c FILE` as well as `queue -c FILE list`: SUPPRESS keeps the
+    # value parsed before the action when the option is not given after it.
+    for action in (ql, qs, qr, qd, rl, rr, rd):
+        action.add_argument(
+            "-c", "--config", type=Path, default=argparse.SUPPRESS, help="config file"
+        )
     purge = add("purge", "finished requests older than store.retention_days lose their rows")
     purge.add_argument("--days", type=float, help="instead of store.retention_days")
     purge.set_defaults(command_func=cmd_purge)
