@@ -62,4 +62,4 @@ def test_alert_rules_pass_promtool() -> None:
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "SUCCESS: 4 rules found" in out.stdout
+    assert "SUCCESS: 5 rules found" in out.stdout
