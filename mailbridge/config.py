@@ -4,6 +4,11 @@ Input: a YAML file (SPEC section 6) where `${VAR}` / `${VAR:-default}` read the
 environment. Output: a `Config`. Failure: `ConfigError` carrying every problem
 found, each naming its key (`accounts[0].keyid: field required`).
 Relative paths are read relative to the directory of the config file.
+
+Every field carries its `description` (and each section model its docstring):
+they are docs/configuration.md. After adding or changing a key, run
+`python -m mailbridge.config_doc --write`; tests/test_configuration_doc.py
+fails on a key without a description or a reference that differs.
 """
 
 from __future__ import annotations
