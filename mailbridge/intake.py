@@ -52,7 +52,7 @@ from mailbridge.model import NewRequest
 from mailbridge.plain import (
     MAX_PLAIN_RECIPIENTS,
     is_number_local_part,
-    own_email_id,
+    plain_email_id,
     plain_request,
     plain_text,
 )
@@ -557,7 +557,7 @@ class IntakeHandler:
             raise Refused(REPLY_PLAIN_NO_TEXT)
         # Identical addresses are one recipient, as for any mail (To and Cc both).
         unique = list(dict.fromkeys(n.lower() for n in numbers or []))
-        email_id = (content.message_id or "").strip() or own_email_id()
+        email_id = plain_email_id(content.message_id, unique)
         now = self.clock.now()
         rules = self.rules[account.keyid]
         checked = check_request(

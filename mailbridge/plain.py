@@ -3,7 +3,7 @@
 Input: the number addresses of the envelope, the mail's Subject and text body
 (already decoded and unwrapped by mime.py), and the account's `plain` rules.
 Output: the same `Envoi` request an `<envoi>` mail gives (`num1`..`numN`, one
-`sms`, the Message-ID as `emailId`), so that the checks and every stage
+`sms`, the Message-ID and a digest of the numbers as `emailId`), so that the checks and every stage
 after them do not know which intake form a request came from.
 
 The text keeps its line breaks (there is no `Ö` convention here). The body is
@@ -14,6 +14,7 @@ runs of blank lines become one, and the whole text is trimmed. Pure: no I/O.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import secrets
 from collections.abc import Iterable, Sequence
@@ -70,6 +71,21 @@ def plain_text(
     if form == "subject_body":
         return "\n".join(part for part in (head, text) if part)
     return text or head
+
+
+def plain_email_id(message_id: str | None, numbers: Sequence[str]) -> str:
+    """The emailId of a plain mail: its Message-ID and a digest of its numbers.
+
+    The same mail re-sent (or re-delivered after a lost 250) to the same numbers
+    is a duplicate and sends nothing again; the parts of one mail that an MTA
+    delivers separately (Postfix: 50 recipients per delivery by default) carry
+    the same Message-ID with other numbers, and each is sent. Without a
+    Message-ID: an id of our own (no dedupe)."""
+    message_id = (message_id or "").strip()
+    if not message_id:
+        return own_email_id()
+    digest = hashlib.sha256("\n".join(sorted(set(numbers))).encode()).hexdigest()[:12]
+    return f"{message_id}#{digest}"
 
 
 def own_email_id() -> str:

@@ -6,9 +6,10 @@ own settings (directories, ports, no DNS, no TLS) added, and `mynetworks` narrow
 127.0.0.1 because the test's clients are on loopback too (from 127.0.0.2).
 
 Checked: a request relayed and its reports back through Postfix; a plain-mode
-mail to 60 numbers sends 60 SMS (Postfix's default of 50 recipients per
-delivery would split it, and the second delivery, with the same Message-ID,
-would be an Ack 1 duplicate); other addresses refused by Postfix.
+mail to 60 numbers sends 60 SMS in one request (the transport's limit of 500
+recipients per delivery; Postfix's default of 50 would split it in two,
+tests/test_plain.py shows both parts are still sent); other addresses refused
+by Postfix.
 """
 
 from __future__ import annotations

@@ -363,6 +363,27 @@ def test_same_message_id_sends_nothing_twice(daemon: DaemonProcess) -> None:
     assert [x for x in outbox_lines(daemon.outbox) if x["request_id"] == second] == []
 
 
+def test_one_mail_delivered_in_parts_sends_every_part(daemon: DaemonProcess) -> None:
+    """An MTA splits a mail with many recipients into several deliveries with the
+    same Message-ID (Postfix: 50 per delivery): each part is sent, once."""
+    numbers = ("0601020371", "0601020372", "0601020373")
+    msg = plain_mail(*numbers, body="en deux livraisons")
+    first = request_id(send(daemon, msg, *numbers[:2]))
+    second = request_id(send(daemon, msg, numbers[2]))
+    assert sms_of(daemon, first, 2) == [("+33601020371", "en deux livraisons"),
+                                        ("+33601020372", "en deux livraisons")]  # fmt: skip
+    assert sms_of(daemon, second, 1) == [("+33601020373", "en deux livraisons")]
+    # The same part delivered again (a lost 250) is a duplicate: nothing twice.
+    third = request_id(send(daemon, msg, numbers[2]))
+
+    def intake_line() -> list[str]:
+        lines = daemon.log().splitlines()
+        return [ln for ln in lines if f"request {third} emailId " in ln and " ack " in ln]
+
+    assert "ack 1" in wait_for(intake_line, what="the duplicate")[0]
+    assert [x for x in outbox_lines(daemon.outbox) if x["request_id"] == third] == []
+
+
 def test_text_is_trimmed_and_subject_used_when_body_is_empty(daemon: DaemonProcess) -> None:
     body = (
         "Bonjour,\n> ancien message cité\nLe serveur NAS1 ne répond plus.\n"
