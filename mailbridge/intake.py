@@ -378,9 +378,12 @@ class IntakeHandler:
         return "250 2.1.5 Ok"
 
     def is_number_address(self, address: str) -> bool:
-        """Whether `address` is in one of smtp.number_domains (plain mode)."""
-        return bool(self.number_domains) and (
-            address.rpartition("@")[2].lower() in self.number_domains
+        """Whether `address` is in one of smtp.number_domains (plain mode); the
+        intake addresses (smtp.recipients) never are, even in such a domain."""
+        return (
+            bool(self.number_domains)
+            and address.rpartition("@")[2].lower() in self.number_domains
+            and address.lower() not in self.recipients
         )
 
     def plain_account(self, mail_from: str, authed: AccountConfig | None) -> AccountConfig:

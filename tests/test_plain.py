@@ -444,3 +444,22 @@ def test_account_with_password_needs_auth(daemon: DaemonProcess, certs: tuple[Pa
         smtp.login("authed", AUTHED_PASSWORD)
         rid = request_id(transaction(smtp, msg, ("0601020312",), None))
     assert sms_of(daemon, rid, 1) == [("+33601020312", "Disque 3 en panne")]
+
+
+def test_intake_address_in_a_number_domain_is_still_a_request(tmp_path: Path) -> None:
+    """smtp.recipients win over smtp.number_domains: with the intake's own domain
+    also a number domain, requests are still requests and numbers still numbers."""
+    from tests.support import not_codes, request_mail, wait_reports
+
+    cfg = plain_config(tmp_path)
+    cfg["smtp"]["number_domains"] = [DOMAIN, INTAKE.rpartition("@")[2]]
+    proc = DaemonProcess(tmp_path, cfg).start()
+    try:
+        code, text = proc.send(request_mail(num="0601020381", sms="requête", emailId="in-dom"))
+        assert code == 250, text
+        assert not_codes(wait_reports(proc.maildir, "in-dom")["not"][0]) == [("0601020381", 0)]
+        number = "0601020382@" + INTAKE.rpartition("@")[2]
+        rid = request_id(send(proc, plain_mail("x", body="numéro"), number))
+        assert sms_of(proc, rid, 1) == [("+33601020382", "numéro")]
+    finally:
+        proc.stop()
