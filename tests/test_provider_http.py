@@ -102,6 +102,10 @@ async def test_transport_errors_are_temporary(exc: Exception, words: str) -> Non
     assert isinstance(failure, CallFailure)
     assert (failure.kind, failure.code) == (Failure.TEMPORARY, 999)
     assert words in failure.detail
+    # Only a connection that never opened proves the request did not reach them.
+    unsent = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
+    assert failure.unsent is unsent
+    assert all(o.unsent is unsent for o in failure.outcomes([sms("a")]))
 
 
 async def test_an_error_outside_httpx_is_not_swallowed() -> None:

@@ -61,6 +61,9 @@ class CallFailure:
 
     kind: Failure
     detail: str  # in words, for the outcomes, the logs and `status`
+    # True when the request cannot have reached the provider (no connection):
+    # the next attempt of its messages is then not in doubt.
+    unsent: bool = False
 
     @property
     def code(self) -> Code:
@@ -80,7 +83,10 @@ class CallFailure:
         """
         retry = self.kind is not Failure.PERMANENT
         text = self.detail if detail is None else detail
-        return [Outcome(m.key, self.code, detail=text, retry=retry) for m in messages]
+        return [
+            Outcome(m.key, self.code, detail=text, retry=retry, unsent=self.unsent)
+            for m in messages
+        ]
 
     def error(self, context: str) -> ProviderError:
         """The exception for a call outside a batch's outcomes (first request, `check`).
@@ -148,7 +154,7 @@ class HttpRules:
         name = type(exc).__name__
         what = f"{name}: {exc}" if str(exc) else name
         if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
-            return CallFailure(Failure.TEMPORARY, f"unreachable: {what}")
+            return CallFailure(Failure.TEMPORARY, f"unreachable: {what}", unsent=True)
         if isinstance(exc, httpx.TimeoutException):
             detail = (
                 f"timed out: no answer in time ({name}, timeout {self.timeout_s:g} s);"
