@@ -110,12 +110,15 @@ class WorkerProcess:
         with contextlib.suppress(ProcessLookupError):
             self.proc.terminate()
         try:
-            await asyncio.wait_for(asyncio.shield(self.proc.wait()), timeout)
+            code = await asyncio.wait_for(asyncio.shield(self.proc.wait()), timeout)
         except TimeoutError:
             log.error("worker process %d did not stop in %.0f s: killed", self.proc.pid, timeout)
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()
             await self.proc.wait()
+            return
+        if code != 0:
+            log.warning("worker process %d stopped with status %d", self.proc.pid, code)
 
 
 # -- the worker process: child side --------------------------------------------
