@@ -9,6 +9,12 @@ running event loop takes the signal over (`loop.add_signal_handler`). Every
 other command gives the default back with `release()` (a SIGTERM that came
 meanwhile is then delivered, as if it had never been held).
 
+The worker process is spawned with SIGTERM blocked, and `install()` unblocks
+it: for the worker, even a SIGTERM that comes while its interpreter starts is
+recorded. The daemon itself cannot have that (systemd starts it with nothing
+blocked): a SIGTERM in its interpreter's first milliseconds, before any Python
+runs, still ends it, which systemd counts as a clean stop all the same.
+
 Imports nothing but the standard library: it runs before the rest is loaded.
 """
 
@@ -32,6 +38,9 @@ def install() -> None:
     global _installed
     _installed = True
     signal.signal(signal.SIGTERM, _record)
+    # The worker is started with SIGTERM blocked (worker.py): one that came
+    # meanwhile is delivered now, to the handler.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
 def restore() -> None:

@@ -22,6 +22,9 @@ done
 ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || missing+=(postgresql)
 # promtool (Debian's prometheus package) checks docs/alerts.yml (tests/test_docs.py).
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+# systemd-analyze (Debian's systemd package) verifies the units and scores their
+# hardening (tests/test_systemd.py); the tests never start systemd itself.
+command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 if [ ${#missing[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   echo "postfix postfix/main_mailer_type select No configuration" | $SUDO debconf-set-selections
