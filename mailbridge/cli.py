@@ -26,7 +26,7 @@ from mailbridge.config import Config, ConfigError, load_config, parse_hostport
 from mailbridge.worker import WORKER_COMMAND
 
 DEFAULT_CONFIG = Path("config.yaml")
-CONFIG_ENV = "MAILBRIDGE_CONFIG"  # the config file when -c is not given (systemd units set it)
+CONFIG_ENV = "MAILBRIDGE_CONFIG"  # the config file when -c is not given (export it once)
 # The cyclic GC's first generation is collected every 700 new container objects
 # by default: with a big request in memory that is every few recipients, and
 # the older generations are rescanned ten and a hundred times as often as the
@@ -239,7 +239,7 @@ def cmd_store_copy(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mailbridge", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    parser.add_argument("--version", action=_Version, nargs=0, help="show the version and exit")
     # The metavar lists the public commands only: `_worker` is not for operators.
     sub = parser.add_subparsers(
         dest="command",
@@ -294,6 +294,14 @@ def build_parser() -> argparse.ArgumentParser:
     hidden.add_argument("wake_fd", type=int, help="the read end of its wake pipe")
     hidden.set_defaults(func=cmd_worker)
     return parser
+
+
+class _Version(argparse.Action):
+    """--version, its metadata looked up only when asked (not at each start)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        print(f"{parser.prog} {package_version()}")
+        parser.exit()
 
 
 def package_version() -> str:
