@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import anyio
 import httpx
 
+from mailbridge import stopsignal
 from mailbridge.clock import Clock, SystemClock, nap
 from mailbridge.config import Config, ProviderConfig, SmsmodeProviderConfig, parse_hostport
 from mailbridge.dispatch import Dispatcher
@@ -52,6 +53,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 STOP_GRACE_S = 30.0  # in-flight provider calls get this long to finish on SIGTERM
 PURGE_FIRST_S = 3600.0  # the daily purge's first run, after the start's own work
+
+
+class StartInterrupted(Exception):
+    """A stop (SIGTERM) was asked while the daemon was starting."""
 
 
 # -- the send side (both processes) ---------------------------------------------
@@ -255,6 +260,8 @@ async def run_worker(config: Config, wake_fd: int, owner: str, daemon_pid: int) 
     work, reports, events = asyncio.Event(), asyncio.Event(), asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    if stopsignal.requested():  # came before the loop took the signal over
+        stopping.set()
 
     def wake() -> None:
         work.set()
@@ -264,8 +271,10 @@ async def run_worker(config: Config, wake_fd: int, owner: str, daemon_pid: int) 
     watch_wake_pipe(wake_fd, wake, stopping.set)
     store = open_store(config.store, owner)
     await store.open()
-    await store.watch(wake)  # work added by other instances (PostgreSQL)
     try:
+        if stopping.is_set():  # stopped while it opened the store
+            return
+        await store.watch(wake)  # work added by other instances (PostgreSQL)
         await run_senders(
             config, store, SystemClock(), work, reports, events, stopping,
             heartbeat_name(daemon_pid),
@@ -317,6 +326,7 @@ class Daemon:
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _servers: list[asyncio.base_events.Server] = field(default_factory=list)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    _stop_asked: asyncio.Event = field(default_factory=asyncio.Event)  # SIGTERM, SIGINT
     _work: asyncio.Event = field(default_factory=asyncio.Event)
     _reports: asyncio.Event = field(default_factory=asyncio.Event)
     _events: asyncio.Event = field(default_factory=asyncio.Event)
@@ -343,11 +353,14 @@ class Daemon:
         config = self.config
         self._started_at = self.clock.time()
         # Before recover(): a previous run's worker may still be sending.
-        self._lock_fd = await acquire_store_lock(config.store)
         # `mailbridge queue retry|drop`, `reports retry`: the queue changed, look now.
+        # Before the lock, which publishes our pid to them (SIGUSR1 would kill us).
         asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, self.wake)
+        self._lock_fd = await self._lock_store()
+        self._check_stop()
         self.store = store = open_store(config.store)
         await store.open()
+        self._check_stop()
         released = await store.recover()
         if released:
             log.warning("recovered %d request(s) left in flight by a previous run", released)
@@ -360,6 +373,7 @@ class Daemon:
             limits=IntakeLimits.from_config(config, self.clock),
         )
         self._handler = handler
+        self._check_stop()
         await self._listen(handler)
         if config.http is not None:
             from mailbridge.webhook import Receiver
@@ -369,6 +383,7 @@ class Daemon:
                 on_events=self.wake, health=self.health, metrics=self.metrics,
             )  # fmt: skip
             self.http_address = await self.receiver.start()
+        self._check_stop()
         if config.dispatch.separate_process:
             self._worker = WorkerProcess(config, self._lock_fd)
             await self._worker.start()
@@ -382,11 +397,35 @@ class Daemon:
             self._tasks = [asyncio.create_task(senders)]
         if (interval := watchdog_interval()) is not None:
             self._tasks.append(asyncio.create_task(self._watchdog(interval)))
+        self._check_stop()
         listening = ", ".join(f"{h}:{p}" for h, p in self.addresses)
         if self.http_address is not None:
             listening += "; http {}:{}".format(*self.http_address)
         log.info("mailbridge ready: SMTP on %s", listening)
         notify(f"READY=1\nSTATUS=listening on smtp {listening}")
+
+    def _check_stop(self) -> None:
+        """Between the steps of start(): a stop asked meanwhile ends it there
+        (stop() then closes what it had opened)."""
+        if self._stop_asked.is_set():
+            raise StartInterrupted
+
+    async def _lock_store(self) -> int | None:
+        """acquire_store_lock, given up at once when a stop is asked: it may wait
+        up to 30 s for a previous run's worker to die."""
+        lock = asyncio.ensure_future(acquire_store_lock(self.config.store))
+        asked = asyncio.ensure_future(self._stop_asked.wait())
+        try:
+            await asyncio.wait({lock, asked}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            asked.cancel()
+            lock.cancel()  # nothing if it is done; else it closes its file
+        try:
+            return await lock
+        except asyncio.CancelledError:
+            if lock.cancelled() and self._stop_asked.is_set():
+                raise StartInterrupted from None
+            raise
 
     async def _supervise(self, worker: WorkerProcess) -> None:
         """Restart the worker process if it dies while the daemon runs.
@@ -519,11 +558,23 @@ class Daemon:
         log.info("stopped")
 
     async def serve(self) -> None:
-        """Run until SIGTERM or SIGINT."""
-        await self.start()
+        """Run until SIGTERM or SIGINT. One that comes while it starts (even
+        before the loop, see stopsignal.py) is a clean stop too."""
         loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+            loop.add_signal_handler(sig, self._stop_asked.set)
+        if stopsignal.requested():
+            self._stop_asked.set()
+        try:
+            await self.start()
+        except StartInterrupted:
+            log.info("stop asked while starting")
+        except Exception:
+            # Port taken, store locked...: the caller says why; nothing half
+            # started (a worker, the store, the lock) is left behind.
+            with contextlib.suppress(Exception):
+                await self.stop()
+            raise
+        else:
+            await self._stop_asked.wait()
         await self.stop()

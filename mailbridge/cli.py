@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import gc
 import logging
+import os
 import secrets
 import smtplib
 import sys
@@ -20,11 +21,13 @@ import time
 from email.message import EmailMessage
 from pathlib import Path
 
+from mailbridge import stopsignal
 from mailbridge.config import Config, ConfigError, load_config, parse_hostport
 from mailbridge.logs import setup_logging
 from mailbridge.worker import WORKER_COMMAND
 
 DEFAULT_CONFIG = Path("config.yaml")
+CONFIG_ENV = "MAILBRIDGE_CONFIG"  # the config file when -c is not given (export it once)
 # The cyclic GC's first generation is collected every 700 new container objects
 # by default: with a big request in memory that is every few recipients, and
 # the older generations are rescanned ten and a hundred times as often as the
@@ -54,12 +57,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = _load(args.config)
     setup_logging(config.logging)
+    if stopsignal.requested():  # SIGTERM while importing and reading the config
+        logging.getLogger("mailbridge").info("stopped before starting (SIGTERM)")
+        return 0
     tune_gc()
     try:
         asyncio.run(Daemon(config).serve())
     except (OSError, StoreUnavailable) as err:  # the port is taken, the store is locked...
         logging.getLogger("mailbridge").error("cannot start: %s", err)
         return 1
+    finally:
+        stopsignal.restore()  # the loop's close gave SIGTERM its default back
     return 0
 
 
@@ -71,6 +79,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     worker.die_with_parent(args.parent)
     config, owner = worker.read_config()
+    if stopsignal.requested():  # the daemon stopped while it was starting us
+        return 0
     setup_logging(config.logging)
     tune_gc()
     worker.lower_priority(config.dispatch.process_nice)
@@ -79,6 +89,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     except StoreUnavailable as err:
         logging.getLogger("mailbridge").error("worker: store unavailable: %s", err)
         return 1
+    finally:
+        stopsignal.restore()
     return 0
 
 
@@ -217,6 +229,7 @@ def cmd_store_copy(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mailbridge", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action=_Version, nargs=0, help="show the version and exit")
     # The metavar lists the public commands only: `_worker` is not for operators.
     sub = parser.add_subparsers(
         dest="command",
@@ -226,7 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add(name: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
-        p.add_argument("-c", "--config", type=Path, default=DEFAULT_CONFIG, help="config file")
+        p.add_argument(
+            "-c", "--config", type=Path, default=Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG),
+            help=f"config file (default: ${CONFIG_ENV}, else {DEFAULT_CONFIG})",
+        )  # fmt: skip
         return p
 
     add("serve", "run the daemon (SIGTERM stops it cleanly)").set_defaults(func=cmd_serve)
@@ -270,7 +286,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Version(argparse.Action):
+    """--version, its metadata looked up only when asked (not at each start)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        print(f"{parser.prog} {package_version()}")
+        parser.exit()
+
+
+def package_version() -> str:
+    """The installed distribution's version (its metadata, as pip installed it)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mailbridge")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        from mailbridge import __version__
+
+        return f"{__version__} (not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.func not in (cmd_serve, cmd_worker):
+        stopsignal.release()  # only the daemon's processes hold SIGTERM (__main__)
     result: int = args.func(args)
     return result

@@ -61,6 +61,10 @@ class WorkerProcess:
         os.set_blocking(wake_w, False)
         fds = [wake_r] if self.lock_fd is None else [wake_r, self.lock_fd]
         env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_PID")}
+        # The child starts with SIGTERM blocked (a signal mask survives exec) and
+        # unblocks it once its handler is in (stopsignal.install): a stop while
+        # its interpreter starts, before any Python runs, is a clean stop too.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -75,6 +79,7 @@ class WorkerProcess:
                 env=env,
             )
         finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             os.close(wake_r)
         self._wake_w = wake_w
         assert self.proc.stdin is not None
@@ -110,12 +115,15 @@ class WorkerProcess:
         with contextlib.suppress(ProcessLookupError):
             self.proc.terminate()
         try:
-            await asyncio.wait_for(asyncio.shield(self.proc.wait()), timeout)
+            code = await asyncio.wait_for(asyncio.shield(self.proc.wait()), timeout)
         except TimeoutError:
             log.error("worker process %d did not stop in %.0f s: killed", self.proc.pid, timeout)
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()
             await self.proc.wait()
+            return
+        if code != 0:
+            log.warning("worker process %d stopped with status %d", self.proc.pid, code)
 
 
 # -- the worker process: child side --------------------------------------------

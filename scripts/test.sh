@@ -24,6 +24,9 @@ ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || missing+=(postgresql)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 # node and npm run the SMSC peer of the SMPP tests (tests/smsc, node-smpp).
 command -v npm >/dev/null 2>&1 || missing+=(nodejs npm)
+# systemd-analyze (Debian's systemd package) verifies the units and scores their
+# hardening (tests/test_systemd.py); the tests never start systemd itself.
+command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 if [ ${#missing[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   echo "postfix postfix/main_mailer_type select No configuration" | $SUDO debconf-set-selections

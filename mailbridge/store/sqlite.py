@@ -438,19 +438,22 @@ async def acquire_lock(path: Path) -> int:
     lock.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     deadline = time.monotonic() + LOCK_WAIT_S
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            # Our pid, for the operator's commands to wake us (SIGUSR1) after
-            # they change the queue; it means nothing once the lock is free.
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-            return fd
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                os.close(fd)
-                raise StoreUnavailable(
-                    f"{lock} is locked: another mailbridge (or its worker) uses this store"
-                    " (one daemon per SQLite file; several instances need store.postgresql)"
-                ) from None
-            await asyncio.sleep(0.05)
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                # Our pid, for the operator's commands to wake us (SIGUSR1) after
+                # they change the queue; it means nothing once the lock is free.
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                return fd
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise StoreUnavailable(
+                        f"{lock} is locked: another mailbridge (or its worker) uses this store"
+                        " (one daemon per SQLite file; several instances need store.postgresql)"
+                    ) from None
+                await asyncio.sleep(0.05)
+    except BaseException:  # timed out, or cancelled (a stop while the daemon starts)
+        os.close(fd)
+        raise
