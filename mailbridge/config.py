@@ -551,14 +551,14 @@ class DispatchConfig(_Model):
 
 
 class Config(_Model):
-    smtp: SmtpConfig = Field(default_factory=SmtpConfig)  # type: ignore[arg-type]
+    smtp: SmtpConfig = Field(default_factory=SmtpConfig)
     store: StoreConfig
     reports: ReportsConfig
     http: HttpConfig | None = None
     providers: dict[str, ProviderConfig] = Field(min_length=1)
     accounts: list[AccountConfig] = Field(min_length=1)
     blacklist: list[str] = Field(default_factory=list)  # numbers no account may send to
-    dispatch: DispatchConfig = Field(default_factory=DispatchConfig)  # type: ignore[arg-type]
+    dispatch: DispatchConfig = Field(default_factory=DispatchConfig)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
