@@ -4,6 +4,8 @@ etatDlr mails grouped per request, reply mails, the STOP blacklist."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from mailbridge.feedback import EVENT_MAX_AGE_S, FeedbackRules, event_retry_delay, is_stop
@@ -44,7 +46,7 @@ def two_numbers() -> list[RecipientDraft]:
     ]
 
 
-async def sent(store: SqlStore, email_id: str, ids: list[str], **kw: object) -> int:
+async def sent(store: SqlStore, email_id: str, ids: list[str], **kw: Any) -> int:
     """A request of two numbers, both accepted by provider kz with these message ids."""
     kw.setdefault("dlr_to", "dlr@c.test")
     rid = (

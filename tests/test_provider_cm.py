@@ -140,7 +140,9 @@ async def test_single_message_exact_request(cm: CmProvider, server: ProviderServ
     assert "à".encode() in req.body
 
 
-async def test_ucs2_text_goes_with_dcs_8(cm: CmProvider, server: ProviderServer, fake: FakeCm):
+async def test_ucs2_text_goes_with_dcs_8(
+    cm: CmProvider, server: ProviderServer, fake: FakeCm
+) -> None:
     text = "Ça coûte 5 € œuvre"
     [o] = await cm.send([sms(1, text=text, encoding="ucs2", parts=1, max_parts=3)])
 

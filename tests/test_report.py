@@ -95,7 +95,7 @@ def test_plain_report_lists_the_failures(renderer: ReportRenderer) -> None:
         compose_mail(
             job, data, renderer.render("plain", data), from_address="mb@b.test", instance_id="i"
         ),  # fmt: skip
-        policy=policy.default,  # type: ignore[arg-type]
+        policy=policy.default,
     )
     assert (mail["Subject"], mail["In-Reply-To"], mail["Auto-Submitted"]) == (
         "SMS non envoyé", "<m@c.test>", "auto-replied",

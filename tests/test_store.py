@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,7 +18,7 @@ from mailbridge.store.sqlstore import SqlStore
 NOW = 1_800_000_000.0
 
 
-def new_request(email_id: str | None = "1", ack: int = 0, **kw: object) -> NewRequest:
+def new_request(email_id: str | None = "1", ack: int = 0, **kw: Any) -> NewRequest:
     recipients = kw.pop(
         "recipients",
         [
@@ -25,14 +26,14 @@ def new_request(email_id: str | None = "1", ack: int = 0, **kw: object) -> NewRe
             RecipientDraft("bad", code=7),
         ],
     )
-    fields: dict[str, object] = dict(
+    fields: dict[str, Any] = dict(
         account="key", email_id=email_id, ack_code=ack, ack_to="ack@c.test", not_to="not@c.test",
         numbered=True, sender="MaSociete", reference=None, received_at=NOW, due_at=NOW,
         mail_from="erp@c.test", client_ip="127.0.0.1", message_id="<m@c.test>",
         recipients=recipients,
     )  # fmt: skip
     fields.update(kw)
-    return NewRequest(**fields)  # type: ignore[arg-type]
+    return NewRequest(**fields)
 
 
 @pytest.fixture
