@@ -310,21 +310,34 @@ class Dispatcher:
             if (claimed.account, rcpt.number) in stopped:
                 # The number answered STOP to this account since the email came in.
                 final.append(
-                    RecipientResult(rcpt.request_id, rcpt.idx, Code.BLACKLISTED, detail="STOP")
+                    RecipientResult(
+                        request_id=rcpt.request_id,
+                        idx=rcpt.idx,
+                        code=Code.BLACKLISTED,
+                        detail="STOP",
+                    )
                 )
                 continue
             if now >= self._expires_at(claimed):
                 # SPEC 8: a late alarm SMS is worse than a Not that says it failed.
                 why = f"not sent within dispatch.validity_s ({self.config.validity_s:g}s)"
                 log.warning("request %d: %s for %s: code 999", claimed.id, why, rcpt.number)
-                final.append(RecipientResult(rcpt.request_id, rcpt.idx, Code.ERROR, detail=why))
+                final.append(
+                    RecipientResult(
+                        request_id=rcpt.request_id, idx=rcpt.idx, code=Code.ERROR, detail=why
+                    )
+                )
                 continue
             account = self.accounts.get(claimed.account)
             route = route_for(account, rcpt.number) if account is not None else []
             if rcpt.provider_index >= len(route):
                 why = "account no longer configured" if account is None else "no route"
                 log.warning("request %d: %s for %s: code 999", claimed.id, why, rcpt.number)
-                final.append(RecipientResult(rcpt.request_id, rcpt.idx, Code.ERROR, detail=why))
+                final.append(
+                    RecipientResult(
+                        request_id=rcpt.request_id, idx=rcpt.idx, code=Code.ERROR, detail=why
+                    )
+                )
                 continue
             name = route[rcpt.provider_index]
             breaker = self.breakers[name]
@@ -335,10 +348,10 @@ class Dispatcher:
                     wait = f"{name}: waiting for the probe of its circuit"
                     final.append(
                         RecipientResult(
-                            rcpt.request_id,
-                            rcpt.idx,
-                            None,
-                            name,
+                            request_id=rcpt.request_id,
+                            idx=rcpt.idx,
+                            code=None,
+                            provider=name,
                             detail=wait,
                             due_at=now,
                             provider_index=rcpt.provider_index,
@@ -359,21 +372,27 @@ class Dispatcher:
                     why = f"{name} is down (its circuit is open) past dispatch.outage_hold_s"
                     log.warning("request %d: %s for %s: code 999", claimed.id, why, rcpt.number)
                     final.append(
-                        RecipientResult(rcpt.request_id, rcpt.idx, Code.ERROR, name, detail=why)
+                        RecipientResult(
+                            request_id=rcpt.request_id,
+                            idx=rcpt.idx,
+                            code=Code.ERROR,
+                            provider=name,
+                            detail=why,
+                        )
                     )
                     continue
                 final.append(
                     RecipientResult(
-                        rcpt.request_id,
-                        rcpt.idx,
-                        None,
-                        name,
-                        None,
-                        f"{name}: circuit open",
-                        min(breaker.open_until, hold_end) if last else now,
-                        rcpt.provider_index if last else rcpt.provider_index + 1,
-                        rcpt.attempts if last else 0,
-                    )  # fmt: skip
+                        request_id=rcpt.request_id,
+                        idx=rcpt.idx,
+                        code=None,
+                        provider=name,
+                        provider_message_id=None,
+                        detail=f"{name}: circuit open",
+                        due_at=min(breaker.open_until, hold_end) if last else now,
+                        provider_index=rcpt.provider_index if last else rcpt.provider_index + 1,
+                        attempts=rcpt.attempts if last else 0,
+                    )
                 )
                 continue
             groups[name].append(_Item(claimed, rcpt, route))
@@ -448,7 +467,12 @@ class Dispatcher:
                 else:
                     r = item.rcpt
                     refused.append(
-                        RecipientResult(r.request_id, r.idx, Code.NO_CREDIT, detail="no credit")
+                        RecipientResult(
+                            request_id=r.request_id,
+                            idx=r.idx,
+                            code=Code.NO_CREDIT,
+                            detail="no credit",
+                        )
                     )
         return ok, refused
 
@@ -489,17 +513,17 @@ class Dispatcher:
                 )
                 results += [
                     RecipientResult(
-                        i.rcpt.request_id,
-                        i.rcpt.idx,
-                        None,
-                        name,
-                        None,
-                        f"credentials refused: {err}",
-                        hold,
-                        i.rcpt.provider_index,
-                        i.rcpt.attempts,
+                        request_id=i.rcpt.request_id,
+                        idx=i.rcpt.idx,
+                        code=None,
+                        provider=name,
+                        provider_message_id=None,
+                        detail=f"credentials refused: {err}",
+                        due_at=hold,
+                        provider_index=i.rcpt.provider_index,
+                        attempts=i.rcpt.attempts,
                         refund_parts=i.rcpt.parts,
-                    )  # fmt: skip
+                    )
                     for i in chunk
                 ]
             else:
@@ -570,18 +594,33 @@ class Dispatcher:
         rid, idx = rcpt.request_id, rcpt.idx
         if not outcome.retry:
             return RecipientResult(
-                rid, idx, outcome.code, name, outcome.provider_message_id, outcome.detail, now,
-                rcpt.provider_index, rcpt.attempts + 1,
+                request_id=rid,
+                idx=idx,
+                code=outcome.code,
+                provider=name,
+                provider_message_id=outcome.provider_message_id,
+                detail=outcome.detail,
+                due_at=now,
+                provider_index=rcpt.provider_index,
+                attempts=rcpt.attempts + 1,
                 refund_parts=0 if outcome.code == 0 else rcpt.parts,
-            )  # fmt: skip
+            )
         attempts = rcpt.attempts + 1
         settings = self.provider_configs[name]
         if attempts < settings.retry_attempts:
             due = now + backoff(settings.retry_backoff_s, attempts, jitter)
             return RecipientResult(
-                rid, idx, None, name, None, outcome.detail, due, rcpt.provider_index, attempts,
+                request_id=rid,
+                idx=idx,
+                code=None,
+                provider=name,
+                provider_message_id=None,
+                detail=outcome.detail,
+                due_at=due,
+                provider_index=rcpt.provider_index,
+                attempts=attempts,
                 refund_parts=rcpt.parts,
-            )  # fmt: skip
+            )
         if rcpt.provider_index + 1 < len(route):
             log.warning(
                 "request %d: %s failed %d times for %s (%s); failing over to %s",
@@ -589,18 +628,42 @@ class Dispatcher:
                 route[rcpt.provider_index + 1],
             )  # fmt: skip
             return RecipientResult(
-                rid, idx, None, name, None, outcome.detail, now, rcpt.provider_index + 1, 0,
+                request_id=rid,
+                idx=idx,
+                code=None,
+                provider=name,
+                provider_message_id=None,
+                detail=outcome.detail,
+                due_at=now,
+                provider_index=rcpt.provider_index + 1,
+                attempts=0,
                 refund_parts=rcpt.parts,
-            )  # fmt: skip
+            )
         breaker = self.breakers[name]
         if not breaker.allows(now) and now < self._hold_ends_at(claimed):
             # The provider is down as a whole, not refusing this message: wait
             # for it to come back rather than fail the recipient.
             return RecipientResult(
-                rid, idx, None, name, None, f"{name} is down: {outcome.detail}",
-                breaker.open_until, rcpt.provider_index, attempts, refund_parts=rcpt.parts,
-            )  # fmt: skip
+                request_id=rid,
+                idx=idx,
+                code=None,
+                provider=name,
+                provider_message_id=None,
+                detail=f"{name} is down: {outcome.detail}",
+                due_at=breaker.open_until,
+                provider_index=rcpt.provider_index,
+                attempts=attempts,
+                refund_parts=rcpt.parts,
+            )
         return RecipientResult(
-            rid, idx, outcome.code, name, None, outcome.detail, now, rcpt.provider_index,
-            attempts, refund_parts=rcpt.parts,
-        )  # fmt: skip
+            request_id=rid,
+            idx=idx,
+            code=outcome.code,
+            provider=name,
+            provider_message_id=None,
+            detail=outcome.detail,
+            due_at=now,
+            provider_index=rcpt.provider_index,
+            attempts=attempts,
+            refund_parts=rcpt.parts,
+        )
