@@ -67,7 +67,10 @@ def wrk(port: int, path: str, seconds: int, connections: int, tmp: Path) -> tupl
     ).stdout  # fmt: skip
     if "Non-2xx" in out:
         raise RuntimeError(f"wrk saw errors:\n{out}")
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    found = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if found is None:
+        raise RuntimeError(f"no Requests/sec in wrk's output:\n{out}")
+    rps = float(found.group(1))
     p99 = re.search(r"99%\s+(\S+)", out)
     return rps, p99.group(1) if p99 else "?"
 

@@ -27,6 +27,8 @@ from run import (  # noqa: E402
     INTAKE,
     SENDER,
     Proc,
+    SinkDir,
+    SinkLog,
     machine,
     single_mails,
     start_daemon,
@@ -55,13 +57,13 @@ async def spread(ports: list[int], mails: list[bytes], connections: int) -> None
 
 
 def measure(
-    label: str, instances: list[Proc], mails: list[bytes], ids: list[str], sink: object
+    label: str, instances: list[Proc], mails: list[bytes], ids: list[str], sink: SinkLog | SinkDir
 ) -> float:
     start = time.time()
     asyncio.run(spread([p.port for p in instances], mails, 20))
     subjects = [f"etatNot {e}" for e in ids]
-    wait_until(lambda: sink.has_all(subjects), 900, f"the Nots of {label}")  # type: ignore[attr-defined]
-    arrivals = sink.refresh()  # type: ignore[attr-defined]
+    wait_until(lambda: sink.has_all(subjects), 900, f"the Nots of {label}")
+    arrivals = sink.refresh()
     rate = len(ids) / (max(arrivals[s] for s in subjects) - start)
     print(f"{label:<34} {rate:8.0f} emails/s", flush=True)
     return rate

@@ -44,7 +44,8 @@ def request(n: int, recipients: int) -> NewRequest:
         sender="Bench", reference=f"t{n}", received_at=now, due_at=now,
         mail_from="erp@client.test", client_ip="127.0.0.1", message_id=f"<{n}@client.test>",
         recipients=[
-            RecipientDraft(f"06{i:08d}", f"+336{i:08d}", "Votre commande est prête", "ucs2", 1, 5)
+            RecipientDraft(tel=f"06{i:08d}", number=f"+336{i:08d}",
+                           text="Votre commande est prête", encoding="ucs2", parts=1, max_parts=5)
             for i in range(recipients)
         ],
     )  # fmt: skip

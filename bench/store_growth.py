@@ -54,8 +54,8 @@ def new_request(n: int) -> NewRequest:
         received_at=now, due_at=now, mail_from="erp@client.test", client_ip="192.0.2.10",
         message_id=f"<{n}.growth@client.test>", dlr_to="dlr@client.test",
         recipients=[
-            RecipientDraft(f"06{n % 100:02d}{i:06d}", f"+336{n % 100:02d}{i:06d}", TEXT, "ucs2",
-                           2, 5)
+            RecipientDraft(tel=f"06{n % 100:02d}{i:06d}", number=f"+336{n % 100:02d}{i:06d}",
+                           text=TEXT, encoding="ucs2", parts=2, max_parts=5)
             for i in range(PER_EMAIL)
         ],
     )  # fmt: skip

@@ -62,7 +62,7 @@ class StartInterrupted(Exception):
 # -- the send side (both processes) ---------------------------------------------
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SendSide:
     """The send and report stages over one store, and what they hold open."""
 
@@ -176,9 +176,17 @@ def build_send_side(
         on_done=on_done,
     )
     return SendSide(
-        http, providers, sink, dispatcher, mailer, feedback, store, clock,
-        config.dispatch.heartbeat_s, config.store.retention_days,
-    )  # fmt: skip
+        http=http,
+        providers=providers,
+        sink=sink,
+        dispatcher=dispatcher,
+        mailer=mailer,
+        feedback=feedback,
+        store=store,
+        clock=clock,
+        heartbeat_s=config.dispatch.heartbeat_s,
+        retention_days=config.store.retention_days,
+    )
 
 
 def provider_configs(config: Config) -> dict[str, ProviderConfig]:

@@ -349,19 +349,32 @@ class Dispatcher:
             if (claimed.account, rcpt.number) in stopped:
                 # The number answered STOP to this account since the email came in.
                 final.append(
-                    RecipientResult(rcpt.request_id, rcpt.idx, Code.BLACKLISTED, detail="STOP")
+                    RecipientResult(
+                        request_id=rcpt.request_id,
+                        idx=rcpt.idx,
+                        code=Code.BLACKLISTED,
+                        detail="STOP",
+                    )
                 )
                 continue
             if now >= self._expires_at(claimed):
                 # SPEC 8: a late alarm SMS is worse than a Not that says it failed.
                 why = f"not sent within dispatch.validity_s ({self.config.validity_s:g}s)"
-                final.append(RecipientResult(rcpt.request_id, rcpt.idx, Code.ERROR, detail=why))
+                final.append(
+                    RecipientResult(
+                        request_id=rcpt.request_id, idx=rcpt.idx, code=Code.ERROR, detail=why
+                    )
+                )
                 continue
             account = self.accounts.get(claimed.account)
             route = route_for(account, rcpt.number) if account is not None else []
             if rcpt.provider_index >= len(route):
                 why = "account no longer configured" if account is None else "no route"
-                final.append(RecipientResult(rcpt.request_id, rcpt.idx, Code.ERROR, detail=why))
+                final.append(
+                    RecipientResult(
+                        request_id=rcpt.request_id, idx=rcpt.idx, code=Code.ERROR, detail=why
+                    )
+                )
                 continue
             name = route[rcpt.provider_index]
             breaker = self.breakers[name]
@@ -372,10 +385,10 @@ class Dispatcher:
                     wait = f"{name}: waiting for the probe of its circuit"
                     final.append(
                         RecipientResult(
-                            rcpt.request_id,
-                            rcpt.idx,
-                            None,
-                            name,
+                            request_id=rcpt.request_id,
+                            idx=rcpt.idx,
+                            code=None,
+                            provider=name,
                             detail=wait,
                             due_at=now,
                             provider_index=rcpt.provider_index,
@@ -396,22 +409,28 @@ class Dispatcher:
                 if last and now >= hold_end:
                     why = f"{name} is down (its circuit is open) past dispatch.outage_hold_s"
                     final.append(
-                        RecipientResult(rcpt.request_id, rcpt.idx, Code.ERROR, name, detail=why)
+                        RecipientResult(
+                            request_id=rcpt.request_id,
+                            idx=rcpt.idx,
+                            code=Code.ERROR,
+                            provider=name,
+                            detail=why,
+                        )
                     )
                     continue
                 final.append(
                     RecipientResult(
-                        rcpt.request_id,
-                        rcpt.idx,
-                        None,
-                        name,
-                        None,
-                        f"{name}: circuit open",
-                        min(breaker.open_until, hold_end) if last else now,
-                        rcpt.provider_index if last else rcpt.provider_index + 1,
-                        rcpt.attempts if last else 0,
+                        request_id=rcpt.request_id,
+                        idx=rcpt.idx,
+                        code=None,
+                        provider=name,
+                        provider_message_id=None,
+                        detail=f"{name}: circuit open",
+                        due_at=min(breaker.open_until, hold_end) if last else now,
+                        provider_index=rcpt.provider_index if last else rcpt.provider_index + 1,
+                        attempts=rcpt.attempts if last else 0,
                         unsent=True,
-                    )  # fmt: skip
+                    )
                 )
                 continue
             groups[name].append(_Item(claimed, rcpt, route))
@@ -488,7 +507,12 @@ class Dispatcher:
                 else:
                     r = item.rcpt
                     refused.append(
-                        RecipientResult(r.request_id, r.idx, Code.NO_CREDIT, detail="no credit")
+                        RecipientResult(
+                            request_id=r.request_id,
+                            idx=r.idx,
+                            code=Code.NO_CREDIT,
+                            detail="no credit",
+                        )
                     )
         return ok, refused
 
@@ -532,18 +556,18 @@ class Dispatcher:
                 )
                 results += [
                     RecipientResult(
-                        i.rcpt.request_id,
-                        i.rcpt.idx,
-                        None,
-                        name,
-                        None,
-                        f"credentials refused: {err}",
-                        hold,
-                        i.rcpt.provider_index,
-                        i.rcpt.attempts,
+                        request_id=i.rcpt.request_id,
+                        idx=i.rcpt.idx,
+                        code=None,
+                        provider=name,
+                        provider_message_id=None,
+                        detail=f"credentials refused: {err}",
+                        due_at=hold,
+                        provider_index=i.rcpt.provider_index,
+                        attempts=i.rcpt.attempts,
                         refund_parts=i.rcpt.parts,
                         unsent=True,  # refused: nothing reached the provider
-                    )  # fmt: skip
+                    )
                     for i in chunk
                 ]
             else:
@@ -679,18 +703,34 @@ class Dispatcher:
         rid, idx = rcpt.request_id, rcpt.idx
         if not outcome.retry:
             return RecipientResult(
-                rid, idx, outcome.code, name, outcome.provider_message_id, outcome.detail, now,
-                rcpt.provider_index, rcpt.attempts + 1,
+                request_id=rid,
+                idx=idx,
+                code=outcome.code,
+                provider=name,
+                provider_message_id=outcome.provider_message_id,
+                detail=outcome.detail,
+                due_at=now,
+                provider_index=rcpt.provider_index,
+                attempts=rcpt.attempts + 1,
                 refund_parts=0 if outcome.code == 0 else rcpt.parts,
-            )  # fmt: skip
+            )
         attempts = rcpt.attempts + 1
         settings = self.provider_configs[name]
         if attempts < settings.retry_attempts:
             due = now + backoff(settings.retry_backoff_s, attempts, jitter)
             return RecipientResult(
-                rid, idx, None, name, None, outcome.detail, due, rcpt.provider_index, attempts,
-                refund_parts=rcpt.parts, unsent=outcome.unsent,
-            )  # fmt: skip
+                request_id=rid,
+                idx=idx,
+                code=None,
+                provider=name,
+                provider_message_id=None,
+                detail=outcome.detail,
+                due_at=due,
+                provider_index=rcpt.provider_index,
+                attempts=attempts,
+                refund_parts=rcpt.parts,
+                unsent=outcome.unsent,
+            )
         if rcpt.provider_index + 1 < len(route):
             log.warning(
                 "%s: %s failed %d times for %s (%s); failing over to %s",
@@ -698,19 +738,44 @@ class Dispatcher:
                 route[rcpt.provider_index + 1], extra=_fields([claimed]),
             )  # fmt: skip
             return RecipientResult(
-                rid, idx, None, name, None, outcome.detail, now, rcpt.provider_index + 1, 0,
-                refund_parts=rcpt.parts, unsent=outcome.unsent,
-            )  # fmt: skip
+                request_id=rid,
+                idx=idx,
+                code=None,
+                provider=name,
+                provider_message_id=None,
+                detail=outcome.detail,
+                due_at=now,
+                provider_index=rcpt.provider_index + 1,
+                attempts=0,
+                refund_parts=rcpt.parts,
+                unsent=outcome.unsent,
+            )
         breaker = self.breakers[name]
         if not breaker.allows(now) and now < self._hold_ends_at(claimed):
             # The provider is down as a whole, not refusing this message: wait
             # for it to come back rather than fail the recipient.
             return RecipientResult(
-                rid, idx, None, name, None, f"{name} is down: {outcome.detail}",
-                breaker.open_until, rcpt.provider_index, attempts, refund_parts=rcpt.parts,
+                request_id=rid,
+                idx=idx,
+                code=None,
+                provider=name,
+                provider_message_id=None,
+                detail=f"{name} is down: {outcome.detail}",
+                due_at=breaker.open_until,
+                provider_index=rcpt.provider_index,
+                attempts=attempts,
+                refund_parts=rcpt.parts,
                 unsent=outcome.unsent,
-            )  # fmt: skip
+            )
         return RecipientResult(
-            rid, idx, outcome.code, name, None, outcome.detail, now, rcpt.provider_index,
-            attempts, refund_parts=rcpt.parts,
-        )  # fmt: skip
+            request_id=rid,
+            idx=idx,
+            code=outcome.code,
+            provider=name,
+            provider_message_id=None,
+            detail=outcome.detail,
+            due_at=now,
+            provider_index=rcpt.provider_index,
+            attempts=attempts,
+            refund_parts=rcpt.parts,
+        )

@@ -68,7 +68,7 @@ _PLAIN_TAG_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]*\Z")
 _NON_XML_RE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff\ud800-\udfff]")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MailContent:
     """What the later stages need from one received mail."""
 

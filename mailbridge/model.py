@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from mailbridge.providers import Encoding
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RecipientDraft:
     """One recipient as checked at intake."""
 
@@ -21,7 +21,7 @@ class RecipientDraft:
     code: int | None = None  # a final code known at intake; None: to be sent
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class NewRequest:
     """An accepted email, ready to be stored (the unit of the 250)."""
 
@@ -55,7 +55,7 @@ class Admission:
     ack_code: int  # may differ from the request's: 1 when its emailId was already seen
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ClaimedRequest:
     """A request a dispatch worker holds a lease on."""
 
@@ -72,7 +72,7 @@ class ClaimedRequest:
     first_due_at: float = 0.0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class PendingRecipient:
     """A recipient still waiting for its code."""
 
@@ -88,7 +88,7 @@ class PendingRecipient:
     in_doubt: bool  # an earlier submission may have reached a provider
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RecipientResult:
     """The dispatcher's decision for one recipient after an attempt."""
 
@@ -107,7 +107,7 @@ class RecipientResult:
     unsent: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ReportJob:
     """A report mail waiting for delivery."""
 
@@ -119,7 +119,7 @@ class ReportJob:
     attempts: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ReportData:
     """Everything a report mail is rendered from."""
 
@@ -139,7 +139,7 @@ FINAL_STATUSES = ("DELIVRE", "NON_DELIVRE", "EXPIRE", "REJETE")
 IN_PROGRESS = "EN_COURS"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class DeliveryEvent:
     """A provider's delivery report for one message, as its callback said it."""
 
@@ -153,7 +153,7 @@ class DeliveryEvent:
     raw: str  # the callback as received, for operators
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ReplyEvent:
     """An SMS a recipient sent back (MO), as the provider's callback said it."""
 

@@ -167,7 +167,14 @@ class ReportRenderer:
         email_id = data.email_id or "?"
         if kind == "dlr":
             rows = [
-                DlrRow(n, tel, status, text, paris_time(at), _PLAIN_STATUS.get(status, status))
+                DlrRow(
+                    n=n,
+                    tel=tel,
+                    statut=status,
+                    message=text,
+                    date=paris_time(at),
+                    label=_PLAIN_STATUS.get(status, status),
+                )
                 for n, tel, status, text, at in dlr_rows
             ]
             if data.plain_reports is not None:

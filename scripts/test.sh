@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Install everything the tests need, then run them. This is the README's test
-# command and what CI runs (.ci/run). Safe to run again: installs are skipped
-# when present.
+# Install everything the tests need, check lint, formatting and types, then
+# run the tests. This is the README's test command and what CI runs (.ci/run):
+# any check that fails stops it (set -e) before pytest. Safe to run again:
+# installs are skipped when present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,4 +42,12 @@ fi
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -e '.[test]'
+
+# Code health (issue 14): the same paths for all three; mypy's configuration
+# (strict, module names, the few untyped libraries) is in pyproject.toml.
+echo "== ruff check, ruff format --check, mypy --strict: mailbridge tests bench"
+.venv/bin/ruff check mailbridge tests bench
+.venv/bin/ruff format --check mailbridge tests bench
+.venv/bin/mypy --strict mailbridge tests bench
+
 exec .venv/bin/python -m pytest "$@"

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from email import message_from_bytes, policy
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 
@@ -94,7 +94,11 @@ def request_mail(
     return msg
 
 
-def wait_for(predicate: Callable[[], T], timeout: float = 30.0, what: str = "condition") -> T:
+def wait_for(
+    predicate: Callable[[], T | Literal[False] | None],
+    timeout: float = 30.0,
+    what: str = "condition",
+) -> T:
     """Poll `predicate` until truthy, with a bound; fail with `what` otherwise."""
     deadline = time.monotonic() + timeout
     delay = 0.01
@@ -122,10 +126,7 @@ def maildir_reports(path: Path) -> list[EmailMessage]:
         return []
     # File names are "<time>.M<report id>I<instance>.<host>" (mailer.MaildirSink).
     files = sorted(new.iterdir(), key=lambda f: int(f.name.split(".M")[1].split("I")[0]))
-    return [
-        message_from_bytes(f.read_bytes(), policy=policy.default)  # type: ignore[misc]
-        for f in files
-    ]
+    return [message_from_bytes(f.read_bytes(), policy=policy.default) for f in files]
 
 
 def reports_for(path: Path, email_id: str) -> dict[str, list[bytes]]:

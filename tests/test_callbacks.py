@@ -14,8 +14,8 @@ from mailbridge.model import DeliveryEvent, ReplyEvent
 from mailbridge.providers import CallbackError, cm, kcell, smsmode
 
 
-def utc(*args: int) -> float:
-    return datetime(*args, tzinfo=UTC).timestamp()
+def utc(year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0) -> float:
+    return datetime(year, month, day, hour, minute, second, tzinfo=UTC).timestamp()
 
 
 # -- CM (seed 000, "Rapport d'état webhook") ---------------------------------------------

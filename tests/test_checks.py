@@ -146,7 +146,8 @@ def test_stop_mention(tmp_path: Path) -> None:
     )
     # nostop is honoured only when the account allows it.
     nostop = {**fields, "nostop": "1"}
-    assert check(tmp_path, nostop, commercial=True).recipients[0].text.endswith("36111")
+    text = check(tmp_path, nostop, commercial=True).recipients[0].text
+    assert text is not None and text.endswith("36111")
     allowed = check(tmp_path, nostop, commercial=True, nostop_allowed=True)
     assert allowed.recipients[0].text == "promo"
     # No sender id (numeric sender or none): no mention.

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mailbridge.config import ConfigError, load_config, parse_config
+from mailbridge.config import CmProviderConfig, ConfigError, load_config, parse_config
 from tests.support import config_dict
 
 REPO = Path(__file__).resolve().parent.parent
@@ -100,7 +100,8 @@ def test_environment_variables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     raw["reports"]["from"] = "${FROM:-reports@bridge.test}"
     monkeypatch.setenv("CM_TOKEN", "secret-token")
     config = parse_config(raw, base_dir=tmp_path)
-    assert config.providers["cm"].product_token == "secret-token"  # type: ignore[union-attr]
+    cm = config.providers["cm"]
+    assert isinstance(cm, CmProviderConfig) and cm.product_token == "secret-token"
     assert config.reports.from_address == "reports@bridge.test"
     monkeypatch.delenv("CM_TOKEN")
     with pytest.raises(ConfigError) as err:

@@ -147,7 +147,9 @@ class World:
             due_at=now + due_in,
             mail_from="erp@client.test", client_ip="127.0.0.1", message_id=None,
             recipients=[
-                RecipientDraft(n, n, "hello", "gsm7", parts, parts) for n in numbers
+                RecipientDraft(tel=n, number=n, text="hello", encoding="gsm7", parts=parts,
+                               max_parts=parts)
+                for n in numbers
             ],
         )  # fmt: skip
         return (await self.store.add_request(request)).request_id

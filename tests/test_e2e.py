@@ -250,8 +250,8 @@ def test_refusals_in_the_dialogue_send_no_report(daemon: DaemonProcess) -> None:
     with daemon.smtp() as smtp:
         smtp.ehlo()
         assert smtp.mail(SENDER)[0] == 250
-        code, text = smtp.rcpt("someone@elsewhere.test")
-        assert (code, text[:5]) == (550, b"5.1.1")
+        code, reply = smtp.rcpt("someone@elsewhere.test")
+        assert (code, reply[:5]) == (550, b"5.1.1")
         smtp.rset()
         assert smtp.mail("spoof@evil.test")[0] == 550
         smtp.rset()
@@ -316,8 +316,8 @@ def test_size_limit_exactly_and_one_byte_more(daemon: DaemonProcess) -> None:
     # Declared in advance with SIZE=: refused at MAIL.
     with daemon.smtp() as smtp:
         smtp.ehlo()
-        code, text = smtp.mail(SENDER, [f"SIZE={LIMIT + 1}"])
-        assert (code, text.split()[:2]) == (552, [b"5.3.4", b"Message"])
+        code, reply = smtp.mail(SENDER, [f"SIZE={LIMIT + 1}"])
+        assert (code, reply.split()[:2]) == (552, [b"5.3.4", b"Message"])
     assert ack_code(wait_reports(daemon.maildir, ok_id, nots=0)["ack"][0]) == 0
 
 

@@ -382,8 +382,11 @@ async def test_store_cap_raises_sqlite_full_and_the_store_stays_usable(tmp_path:
     from mailbridge.store.sqlite import SqliteStore
 
     def request(n: int) -> NewRequest:
-        drafts = [RecipientDraft(f"06{i:08d}", f"+336{i:08d}", "x" * 100, "gsm7", 1, 5)
-                  for i in range(50)]  # fmt: skip
+        drafts = [
+            RecipientDraft(tel=f"06{i:08d}", number=f"+336{i:08d}", text="x" * 100,
+                           encoding="gsm7", parts=1, max_parts=5)
+            for i in range(50)
+        ]  # fmt: skip
         return NewRequest(
             account="k", email_id=f"e{n}", ack_code=0, ack_to="a@client.test", not_to=None,
             numbered=True, sender=None, reference=None, received_at=0.0, due_at=0.0,
@@ -498,10 +501,10 @@ async def test_work_resumes_soon_after_a_long_store_outage(tmp_path: Path) -> No
     full = True
     real_record = store.record_results
 
-    async def record_results(*args: Any) -> None:
+    async def record_results(*args: Any, **kwargs: Any) -> None:
         if full:
             raise StoreUnavailable("sqlite: database or disk is full")
-        await real_record(*args)
+        await real_record(*args, **kwargs)
 
     store.record_results = record_results  # type: ignore[method-assign]
     async with httpx.AsyncClient() as http:
@@ -516,7 +519,8 @@ async def test_work_resumes_soon_after_a_long_store_outage(tmp_path: Path) -> No
             not_to="n@client.test", numbered=False, sender="MaSociete", reference=None,
             received_at=now, due_at=now, mail_from="erp@client.test", client_ip="127.0.0.1",
             message_id=None,
-            recipients=[RecipientDraft("0601020304", "+33601020304", "x", "gsm7", 1, 5)],
+            recipients=[RecipientDraft(tel="0601020304", number="+33601020304", text="x",
+                                       encoding="gsm7", parts=1, max_parts=5)],
         )  # fmt: skip
         await store.add_request(request)
         outage_started = clock.time()

@@ -4,6 +4,8 @@ etatDlr mails grouped per request, reply mails, the STOP blacklist."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from mailbridge.feedback import EVENT_MAX_AGE_S, FeedbackRules, event_retry_delay, is_stop
@@ -22,13 +24,28 @@ RULES = FeedbackRules(
 def dlr(message_id: str | None, status: str, number: str | None = None, key: str = "",
         provider: str = "kcell", text: str = "") -> DeliveryEvent:  # fmt: skip
     return DeliveryEvent(
-        provider, message_id, number, status, text, None,
-        key or f"{provider}:{message_id}:{number}:{status}", "{}",
-    )  # fmt: skip
+        provider_type=provider,
+        message_id=message_id,
+        number=number,
+        status=status,
+        text=text,
+        occurred_at=None,
+        dedupe_key=key or f"{provider}:{message_id}:{number}:{status}",
+        raw="{}",
+    )
 
 
 def mo(number: str, text: str, message_id: str | None = None, key: str = "") -> ReplyEvent:
-    return ReplyEvent("kcell", message_id, number, "9090", text, None, key or f"mo:{text}", "{}")
+    return ReplyEvent(
+        provider_type="kcell",
+        message_id=message_id,
+        number=number,
+        to="9090",
+        text=text,
+        occurred_at=None,
+        dedupe_key=key or f"mo:{text}",
+        raw="{}",
+    )
 
 
 @pytest.fixture
@@ -39,19 +56,37 @@ def store(any_store: SqlStore) -> SqlStore:
 
 def two_numbers() -> list[RecipientDraft]:
     return [
-        RecipientDraft("0601020304", "+33601020304", "hello", "gsm7", 1, 5),
-        RecipientDraft("06 01 02 03 05", "+33601020305", "hello", "gsm7", 1, 5),
+        RecipientDraft(
+            tel="0601020304",
+            number="+33601020304",
+            text="hello",
+            encoding="gsm7",
+            parts=1,
+            max_parts=5,
+        ),
+        RecipientDraft(
+            tel="06 01 02 03 05",
+            number="+33601020305",
+            text="hello",
+            encoding="gsm7",
+            parts=1,
+            max_parts=5,
+        ),
     ]
 
 
-async def sent(store: SqlStore, email_id: str, ids: list[str], **kw: object) -> int:
+async def sent(store: SqlStore, email_id: str, ids: list[str], **kw: Any) -> int:
     """A request of two numbers, both accepted by provider kz with these message ids."""
     kw.setdefault("dlr_to", "dlr@c.test")
     rid = (
         await store.add_request(new_request(email_id, recipients=two_numbers(), **kw))
     ).request_id
     await store.record_results(
-        [RecipientResult(rid, i, 0, "kz", mid) for i, mid in enumerate(ids, start=1)], NOW
+        [
+            RecipientResult(request_id=rid, idx=i, code=0, provider="kz", provider_message_id=mid)
+            for i, mid in enumerate(ids, start=1)
+        ],
+        NOW,
     )
     assert await store.finish_if_done([rid], NOW) == [rid]
     return rid
@@ -206,7 +241,17 @@ async def test_a_report_with_an_old_provider_time_is_mailed_now(store: SqlStore)
     rid = await sent(store, "e9", ["m20", "m21"])
     old = NOW - 86400
     events = [
-        DeliveryEvent("kcell", m, None, "DELIVRE", "", old, f"k{m}", "{}") for m in ("m20", "m21")
+        DeliveryEvent(
+            provider_type="kcell",
+            message_id=m,
+            number=None,
+            status="DELIVRE",
+            text="",
+            occurred_at=old,
+            dedupe_key=f"k{m}",
+            raw="{}",
+        )
+        for m in ("m20", "m21")
     ]
     await store.add_events(events, NOW + 5)
     await store.process_events(NOW + 5, 100, RULES)
@@ -238,7 +283,11 @@ async def smpp_sent(store: SqlStore, email_id: str, ids: list[str]) -> int:
         )
     ).request_id
     await store.record_results(
-        [RecipientResult(rid, i, 0, "smsc", mid) for i, mid in enumerate(ids, start=1)], NOW
+        [
+            RecipientResult(request_id=rid, idx=i, code=0, provider="smsc", provider_message_id=mid)
+            for i, mid in enumerate(ids, start=1)
+        ],
+        NOW,
     )
     assert await store.finish_if_done([rid], NOW) == [rid]
     return rid

@@ -34,7 +34,7 @@ def server() -> SMTP:
 
 
 FAST = server()
-REFERENCE = SMTP(None, loop=FAST.loop)  # type: ignore[arg-type]
+REFERENCE = SMTP(None, loop=FAST.loop)
 
 
 def reference(arg: str) -> tuple[str | None, str | None]:

@@ -55,7 +55,7 @@ def new_request(email_id: str, not_to: str | None = "not@client.test") -> NewReq
         account="k", email_id=email_id, ack_code=0, ack_to="ack@client.test", not_to=not_to,
         numbered=False, sender=None, reference=None, received_at=START.timestamp(),
         due_at=START.timestamp(), mail_from="erp@client.test", client_ip="127.0.0.1",
-        message_id="<req@client.test>", recipients=[RecipientDraft("0601020304", code=0)],
+        message_id="<req@client.test>", recipients=[RecipientDraft(tel="0601020304", code=0)],
     )  # fmt: skip
 
 

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+from typing import TypedDict
+
 import phonenumbers
 import pytest
 
 from mailbridge.numbers import check_number, normalise_blacklist, parse_number
+
+
+class Policy(TypedDict):
+    """An account's number policy: check_number's keyword arguments."""
+
+    default_region: str
+    countries: Collection[str] | None
+    blacklist: Collection[str]
 
 
 @pytest.mark.parametrize(
@@ -65,20 +76,20 @@ def test_fast_path_agrees_with_phonenumbers() -> None:
 
 
 def test_countries_and_overseas() -> None:
-    fr_only = {"default_region": "FR", "countries": ["FR"], "blacklist": frozenset()}
+    fr_only: Policy = {"default_region": "FR", "countries": ["FR"], "blacklist": frozenset()}
     assert check_number("0690123456", **fr_only).e164 == "+590690123456"
     assert check_number("+77011234567", **fr_only).code == 27
     assert check_number("+4915112345678", **fr_only).code == 27
-    kz = {"default_region": "FR", "countries": ["KZ"], "blacklist": frozenset()}
+    kz: Policy = {"default_region": "FR", "countries": ["KZ"], "blacklist": frozenset()}
     assert check_number("+77011234567", **kz).e164 == "+77011234567"
     assert check_number("0601020304", **kz).code == 27
-    anywhere = {"default_region": "FR", "countries": None, "blacklist": frozenset()}
+    anywhere: Policy = {"default_region": "FR", "countries": None, "blacklist": frozenset()}
     assert check_number("+4915112345678", **anywhere).e164 == "+4915112345678"
 
 
 def test_blacklist_matches_any_written_form() -> None:
     blacklist = normalise_blacklist(["06 00 00 00 01", "+33600000002"], "FR")
-    rules = {"default_region": "FR", "countries": None, "blacklist": blacklist}
+    rules: Policy = {"default_region": "FR", "countries": None, "blacklist": blacklist}
     assert check_number("0600000001", **rules).code == 11
     assert check_number("0033600000002", **rules).code == 11
     assert check_number("0600000003", **rules).code is None

@@ -343,8 +343,10 @@ def test_dialogue_refusals(daemon: DaemonProcess) -> None:
         )  # fmt: skip
         smtp.rset()
         # No text at all.
-        code, text = transaction(smtp, plain_mail("0601020304", subject=""), ("0601020304",), None)
-        assert (code, text) == (550, "5.6.0 No text to send: the Subject and the body are empty")
+        code, answer = transaction(
+            smtp, plain_mail("0601020304", subject=""), ("0601020304",), None
+        )
+        assert (code, answer) == (550, "5.6.0 No text to send: the Subject and the body are empty")
 
 
 def test_same_message_id_sends_nothing_twice(daemon: DaemonProcess) -> None:

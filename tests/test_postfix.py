@@ -72,8 +72,12 @@ class Bridge:
         return out
 
     def wait_reports(self, email_id: str) -> tuple[Message, Message]:
+        def both() -> dict[str, list[Message]] | None:
+            r = self.reports(email_id)
+            return r if r["ack"] and r["not"] else None
+
         found = wait_for(
-            lambda: (r := self.reports(email_id))["ack"] and r["not"] and r,
+            both,
             what=f"Ack and Not for emailId {email_id} in Postfix's Maildir",
         )
         assert len(found["ack"]) == 1 and len(found["not"]) == 1, found

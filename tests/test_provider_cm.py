@@ -13,6 +13,7 @@ import pytest
 from mailbridge.codes import ProviderFailure, cm_failure
 from mailbridge.config import CmProviderConfig
 from mailbridge.providers import (
+    Encoding,
     Outcome,
     ProviderAuthError,
     SmsMessage,
@@ -35,7 +36,7 @@ def sms(
     to: str | None = None,
     text: str = "Bonjour",
     sender: str | None = "MaSociete",
-    encoding: str = "gsm7",
+    encoding: Encoding = "gsm7",
     parts: int = 1,
     max_parts: int = 5,
     reference: str | None = "TRK1",
@@ -47,7 +48,7 @@ def sms(
         to=to or num(i),
         sender=sender,
         text=text,
-        encoding=encoding,  # type: ignore[arg-type]
+        encoding=encoding,
         parts=parts,
         max_parts=max_parts,
         reference=reference,
@@ -140,7 +141,9 @@ async def test_single_message_exact_request(cm: CmProvider, server: ProviderServ
     assert "à".encode() in req.body
 
 
-async def test_ucs2_text_goes_with_dcs_8(cm: CmProvider, server: ProviderServer, fake: FakeCm):
+async def test_ucs2_text_goes_with_dcs_8(
+    cm: CmProvider, server: ProviderServer, fake: FakeCm
+) -> None:
     text = "Ça coûte 5 € œuvre"
     [o] = await cm.send([sms(1, text=text, encoding="ucs2", parts=1, max_parts=3)])
 

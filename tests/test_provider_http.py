@@ -37,7 +37,17 @@ def raising(exc: Exception) -> Callable[[httpx.Request], httpx.Response]:
 
 
 def sms(key: str) -> SmsMessage:
-    return SmsMessage(key, "+33601020304", None, "t", "gsm7", 1, 1, None, 1)
+    return SmsMessage(
+        key=key,
+        to="+33601020304",
+        sender=None,
+        text="t",
+        encoding="gsm7",
+        parts=1,
+        max_parts=1,
+        reference=None,
+        request_id=1,
+    )
 
 
 @pytest.mark.parametrize("status", [200, 201, 202, 400, 402, 409, 422])

@@ -7,8 +7,10 @@ from datetime import UTC, datetime
 from mailbridge.quiet_hours import PARIS, QuietHours
 
 
-def paris(*args: int) -> datetime:
-    return datetime(*args, tzinfo=PARIS)
+def paris(
+    year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0
+) -> datetime:
+    return datetime(year, month, day, hour, minute, second, tzinfo=PARIS)
 
 
 def test_day_and_night() -> None:

@@ -30,19 +30,25 @@ def test_ack_bytes(renderer: ReportRenderer) -> None:
 
 
 def test_not_single_form(renderer: ReportRenderer) -> None:
-    data = ReportData("1548", 0, False, [("0601020304", 0)], None)
+    data = ReportData(
+        email_id="1548", ack_code=0, numbered=False, rows=[("0601020304", 0)], in_reply_to=None
+    )
     assert renderer.not_body(data) == golden("not_single.xml")
 
 
 def test_not_numbered_form(renderer: ReportRenderer) -> None:
     rows = [("0601020304", 0), ("06 01 02", 7), ("+33601020305", 24)]
-    data = ReportData("1548", 0, True, rows, None)
+    data = ReportData(email_id="1548", ack_code=0, numbered=True, rows=rows, in_reply_to=None)
     assert renderer.not_body(data) == golden("not_numbered.xml")
 
 
 def test_every_code_text_is_latin1(renderer: ReportRenderer) -> None:
     for code, text in NOT_MESSAGES.items():
-        body = renderer.not_body(ReportData("x", 0, False, [("1", code)], None))
+        body = renderer.not_body(
+            ReportData(
+                email_id="x", ack_code=0, numbered=False, rows=[("1", code)], in_reply_to=None
+            )
+        )
         assert text.encode("iso-8859-1") in body
 
 
@@ -52,8 +58,21 @@ def test_values_outside_latin1_become_character_references(renderer: ReportRende
 
 
 def test_report_mail_headers(renderer: ReportRenderer) -> None:
-    job = ReportJob(7, 42, "not", "not@client.test", 1_800_000_000.0, 0)
-    data = ReportData("1548", 0, False, [("0601020304", 0)], "<orig@client.test>")
+    job = ReportJob(
+        id=7,
+        request_id=42,
+        kind="not",
+        to_addr="not@client.test",
+        created_at=1_800_000_000.0,
+        attempts=0,
+    )
+    data = ReportData(
+        email_id="1548",
+        ack_code=0,
+        numbered=False,
+        rows=[("0601020304", 0)],
+        in_reply_to="<orig@client.test>",
+    )
     body = renderer.not_body(data)
     rendered = renderer.render("not", data)
     assert rendered.body == body
@@ -73,8 +92,16 @@ def test_report_mail_headers(renderer: ReportRenderer) -> None:
 
 
 def test_header_injection_is_neutralised(renderer: ReportRenderer) -> None:
-    job = ReportJob(1, 1, "ack", "a@client.test", 0.0, 0)
-    data = ReportData("x\r\nBcc: victim@example.com", 0, False, [], None)
+    job = ReportJob(
+        id=1, request_id=1, kind="ack", to_addr="a@client.test", created_at=0.0, attempts=0
+    )
+    data = ReportData(
+        email_id="x\r\nBcc: victim@example.com",
+        ack_code=0,
+        numbered=False,
+        rows=[],
+        in_reply_to=None,
+    )
     raw = compose_mail(
         job, data, renderer.render("ack", data), from_address="mb@bridge.test", instance_id="i"
     )
@@ -83,19 +110,33 @@ def test_header_injection_is_neutralised(renderer: ReportRenderer) -> None:
 
 def test_plain_report_lists_the_failures(renderer: ReportRenderer) -> None:
     rows = [("0601020304", 0), ("06.00.00.00.00", 11), ("0700000000", 21)]
-    data = ReportData("<m@c.test>", 0, True, rows, "<m@c.test>", "failures")
+    data = ReportData(
+        email_id="<m@c.test>",
+        ack_code=0,
+        numbered=True,
+        rows=rows,
+        in_reply_to="<m@c.test>",
+        plain_reports="failures",
+    )
     body = renderer.body("plain", data)
     assert body.decode("utf-8") == (
         "Votre SMS n'a pas été envoyé à 2 numéro(s) sur 3.\n\n"
         "06.00.00.00.00 : Le numéro de téléphone est dans la liste noire (code 11)\n"
         "0700000000 : Le numéro de téléphone n'est pas attribué (code 21)\n"
     )
-    job = ReportJob(7, 3, "plain", "alarm@c.test", 1_800_000_000.0, 0)
+    job = ReportJob(
+        id=7,
+        request_id=3,
+        kind="plain",
+        to_addr="alarm@c.test",
+        created_at=1_800_000_000.0,
+        attempts=0,
+    )
     mail = message_from_bytes(
         compose_mail(
             job, data, renderer.render("plain", data), from_address="mb@b.test", instance_id="i"
         ),  # fmt: skip
-        policy=policy.default,  # type: ignore[arg-type]
+        policy=policy.default,
     )
     assert (mail["Subject"], mail["In-Reply-To"], mail["Auto-Submitted"]) == (
         "SMS non envoyé", "<m@c.test>", "auto-replied",
@@ -109,13 +150,24 @@ def test_etatdlr_bytes(renderer: ReportRenderer) -> None:
         (1, "0601020304", "DELIVRE", "", 1_790_000_000.0),  # 2026-09-21, summer time
         (3, "06 01 02 & 03", "NON_DELIVRE", "Abonné absent <27>", 1_800_000_000.0),  # winter
     ]
-    rendered = renderer.render("dlr", ReportData("1548", 0, True, [], None), dlr_rows=rows)
+    rendered = renderer.render(
+        "dlr",
+        ReportData(email_id="1548", ack_code=0, numbered=True, rows=[], in_reply_to=None),
+        dlr_rows=rows,
+    )
     assert rendered.subject == "etatDlr 1548"
     assert rendered.body == golden("dlr.xml")
 
 
 def test_plain_delivery_mail(renderer: ReportRenderer) -> None:
-    data = ReportData("<m@c.test>", 0, True, [], "<m@c.test>", "failures")
+    data = ReportData(
+        email_id="<m@c.test>",
+        ack_code=0,
+        numbered=True,
+        rows=[],
+        in_reply_to="<m@c.test>",
+        plain_reports="failures",
+    )
     rows = [(1, "0601020304", "DELIVRE", "", 1_800_000_000.0),
             (2, "0601020305", "EXPIRE", "validity", 1_800_000_000.0)]  # fmt: skip
     rendered = renderer.render("dlr", data, dlr_rows=rows)
@@ -128,7 +180,9 @@ def test_plain_delivery_mail(renderer: ReportRenderer) -> None:
 
 
 def test_reply_mail(renderer: ReportRenderer) -> None:
-    data = ReportData("1548", 0, True, [], "<orig@c.test>")
+    data = ReportData(
+        email_id="1548", ack_code=0, numbered=True, rows=[], in_reply_to="<orig@c.test>"
+    )
     reply = ReplyContent("06 01 02 03 04", "+33601020304", "Stop 36111", True)
     rendered = renderer.render("reply", data, reply=reply)
     assert (rendered.subject, rendered.charset) == ("SMS de 06 01 02 03 04", "utf-8")

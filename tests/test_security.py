@@ -32,7 +32,7 @@ import mailbridge.intake
 from mailbridge.app import Daemon, build_rules
 from mailbridge.auth import Authenticator, find_account
 from mailbridge.clock import FakeClock, SystemClock
-from mailbridge.config import ConfigError, parse_config
+from mailbridge.config import AccountConfig, Config, ConfigError, parse_config
 from mailbridge.intake import IntakeHandler, _ip_allowed
 from mailbridge.limits import ConnectionGate, RateLimiter, client_key
 from tests.support import (
@@ -106,7 +106,9 @@ def auth(smtp: smtplib.SMTP, mechanism: str, user: str, password: str) -> tuple[
     try:
         code, text = smtp.auth(mechanism, method)
     except smtplib.SMTPAuthenticationError as err:
-        code, text = err.smtp_code, err.smtp_error
+        code, error = err.smtp_code, err.smtp_error
+        assert isinstance(error, bytes)  # smtplib's replies are bytes
+        text = error
     return code, text.decode()
 
 
@@ -208,8 +210,8 @@ def test_auth_only_after_starttls(daemon: DaemonProcess, certs: tuple[Path, Path
     with daemon.smtp() as smtp:
         smtp.ehlo()
         assert smtp.has_extn("starttls") and not smtp.has_extn("auth")
-        code, text = smtp.docmd("AUTH", "PLAIN " + base64.b64encode(b"\0test\0x").decode())
-        assert (code, text[:8]) == (538, b"5.7.11 E")
+        code, reply = smtp.docmd("AUTH", "PLAIN " + base64.b64encode(b"\0test\0x").decode())
+        assert (code, reply[:8]) == (538, b"5.7.11 E")
         # The password account's only sender domain is shared with "other", so
         # MAIL passes; the request itself needs an authenticated session.
         code, text = send_on(smtp, request_mail(num="0601020304", sms="x"))
@@ -629,16 +631,24 @@ def test_keyids_go_through_find_account_which_compares_every_key(
     config = parse_config(tls_config(tmp_path, self_signed(tmp_path)), base_dir=tmp_path)
     calls: list[int] = []
     real = hmac.compare_digest
-    monkeypatch.setattr(hmac, "compare_digest", lambda a, b: calls.append(1) or real(a, b))
+
+    def counted(a: bytes, b: bytes) -> bool:
+        calls.append(1)
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", counted)
     for keyid in (KEYID, KEYID3, "nope"):  # first, last, none: the same work every time
         calls.clear()
         find_account(config, keyid)
         assert len(calls) == len(config.accounts)
     monkeypatch.setattr(hmac, "compare_digest", real)
     seen: list[str] = []
-    monkeypatch.setattr(
-        mailbridge.intake, "find_account", lambda c, k: seen.append(k) or find_account(c, k)
-    )
+
+    def recorded(cfg: Config, keyid: str) -> AccountConfig | None:
+        seen.append(keyid)
+        return find_account(cfg, keyid)
+
+    monkeypatch.setattr(mailbridge.intake, "find_account", recorded)
     handler = IntakeHandler(config, build_rules(config), None, SystemClock(), lambda: None)  # type: ignore[arg-type]
     raw = wire_bytes(other_mail(num="0601020304", sms="x", keyid=f"  {KEYID2}\t"))
     examined = handler.examine(raw, "erp@other.test", ("127.0.0.1", 1), "127.0.0.1")

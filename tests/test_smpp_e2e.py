@@ -89,12 +89,11 @@ def submit(proc: DaemonProcess, **fields: str) -> str:
 
 
 def codes_of(proc: DaemonProcess, email_id: str, timeout: float = 60) -> list[tuple[str, int]]:
-    reports = wait_for(
-        lambda: (r := _reports(proc, email_id)) and r["not"] and r,
-        timeout=timeout,
-        what=f"the Not of {email_id}",
-    )
-    return not_codes(reports["not"][0])
+    def the_not() -> bytes | None:
+        found = _reports(proc, email_id).get("not")
+        return found[0] if found else None
+
+    return not_codes(wait_for(the_not, timeout=timeout, what=f"the Not of {email_id}"))
 
 
 def _reports(proc: DaemonProcess, email_id: str) -> dict[str, list[bytes]]:

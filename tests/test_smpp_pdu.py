@@ -35,7 +35,7 @@ def field_values(layout: tuple[tuple[str, str, int], ...]) -> st.SearchStrategy[
             parts[name] = c_field(size)
         else:
             parts[name] = st.binary(max_size=size)
-    return st.fixed_dictionaries(parts)  # type: ignore[arg-type]
+    return st.fixed_dictionaries(parts)
 
 
 tlv = st.tuples(st.integers(0, 0xFFFF), st.binary(max_size=300))
@@ -44,7 +44,7 @@ tlv = st.tuples(st.integers(0, 0xFFFF), st.binary(max_size=300))
 @st.composite
 def pdus(draw: st.DrawFn) -> p.Pdu:
     command = draw(st.sampled_from(sorted(p.LAYOUTS)))
-    fields = draw(field_values(p.LAYOUTS[command]))  # type: ignore[arg-type]
+    fields = draw(field_values(p.LAYOUTS[command]))
     tlvs = tuple(draw(st.lists(tlv, max_size=4))) if command in p._WITH_TLVS else ()
     return p.Pdu(
         command,

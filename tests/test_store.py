@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,22 +18,29 @@ from mailbridge.store.sqlstore import SqlStore
 NOW = 1_800_000_000.0
 
 
-def new_request(email_id: str | None = "1", ack: int = 0, **kw: object) -> NewRequest:
+def new_request(email_id: str | None = "1", ack: int = 0, **kw: Any) -> NewRequest:
     recipients = kw.pop(
         "recipients",
         [
-            RecipientDraft("0601020304", "+33601020304", "hello", "gsm7", 1, 5),
-            RecipientDraft("bad", code=7),
+            RecipientDraft(
+                tel="0601020304",
+                number="+33601020304",
+                text="hello",
+                encoding="gsm7",
+                parts=1,
+                max_parts=5,
+            ),
+            RecipientDraft(tel="bad", code=7),
         ],
     )
-    fields: dict[str, object] = dict(
+    fields: dict[str, Any] = dict(
         account="key", email_id=email_id, ack_code=ack, ack_to="ack@c.test", not_to="not@c.test",
         numbered=True, sender="MaSociete", reference=None, received_at=NOW, due_at=NOW,
         mail_from="erp@c.test", client_ip="127.0.0.1", message_id="<m@c.test>",
         recipients=recipients,
     )  # fmt: skip
     fields.update(kw)
-    return NewRequest(**fields)  # type: ignore[arg-type]
+    return NewRequest(**fields)
 
 
 @pytest.fixture
@@ -75,7 +83,20 @@ async def test_claim_send_finish(store: SqlStore) -> None:
     assert [(p.idx, p.number, p.in_doubt) for p in pending] == [(1, "+33601020304", False)]
     await store.mark_submitting([(claimed.id, 1)], "outbox", NOW + 60)
     assert await store.finish_if_done([claimed.id], NOW) == []
-    await store.record_results([RecipientResult(claimed.id, 1, 0, "outbox", "id-1", "", NOW)], NOW)
+    await store.record_results(
+        [
+            RecipientResult(
+                request_id=claimed.id,
+                idx=1,
+                code=0,
+                provider="outbox",
+                provider_message_id="id-1",
+                detail="",
+                due_at=NOW,
+            )
+        ],
+        NOW,
+    )
     assert await store.finish_if_done([claimed.id], NOW) == [claimed.id]
     data = await store.report_data(claimed.id)
     assert data.rows == [("0601020304", 0), ("bad", 7)]
@@ -84,7 +105,7 @@ async def test_claim_send_finish(store: SqlStore) -> None:
 
 
 async def test_all_final_at_intake_queues_the_not_at_once(store: SqlStore) -> None:
-    req = new_request(recipients=[RecipientDraft("x", code=7)])
+    req = new_request(recipients=[RecipientDraft(tel="x", code=7)])
     admitted = await store.add_request(req)
     assert (await store.status(NOW)).requests == {"done": 1}
     assert [r.kind for r in await store.claim_reports(NOW, 10, 60)] == ["ack", "not"]
@@ -112,7 +133,17 @@ async def test_crash_mid_submission_leaves_recipients_in_doubt(tmp_path: Path) -
 async def test_retry_due_times_and_release(store: SqlStore) -> None:
     admitted = await store.add_request(new_request())
     (claimed,) = await store.claim_requests(NOW, 60, 10)
-    retry = RecipientResult(claimed.id, 1, None, "outbox", None, "503", NOW + 30, 0, 1)
+    retry = RecipientResult(
+        request_id=claimed.id,
+        idx=1,
+        code=None,
+        provider="outbox",
+        provider_message_id=None,
+        detail="503",
+        due_at=NOW + 30,
+        provider_index=0,
+        attempts=1,
+    )
     await store.record_results([retry], NOW)
     assert await store.pending_recipients([claimed.id], NOW, 10) == []
     await store.release_requests([claimed.id], None, None, count_attempt=False)
@@ -128,13 +159,13 @@ async def test_credit(store: SqlStore) -> None:
     assert await store.reserve_credit("key", 3, 5)
     assert not await store.reserve_credit("key", 3, 5)
     admitted = await store.add_request(new_request(account="key"))
-    refund = RecipientResult(admitted.request_id, 1, 999, refund_parts=3)
+    refund = RecipientResult(request_id=admitted.request_id, idx=1, code=999, refund_parts=3)
     await store.record_results([refund], NOW)
     assert await store.reserve_credit("key", 5, 5)
 
 
 async def test_report_retry(store: SqlStore) -> None:
-    await store.add_request(new_request(recipients=[RecipientDraft("x", code=7)]))
+    await store.add_request(new_request(recipients=[RecipientDraft(tel="x", code=7)]))
     ack, not_ = await store.claim_reports(NOW, 10, 60)
     await store.report_failed(ack.id, NOW + 100, "relay down")
     await store.report_sent(not_.id, NOW)
@@ -169,16 +200,57 @@ async def test_results_by_runs_touch_exactly_their_recipients(store: SqlStore) -
     """Same outcomes share one UPDATE per run of idx: interleaved outcomes, gaps
     and a recipient left out must each end exactly as recorded."""
     drafts = [
-        RecipientDraft(f"06010203{i:02d}", f"+336010203{i:02d}", "hi", "gsm7", 1, 5)
+        RecipientDraft(
+            tel=f"06010203{i:02d}",
+            number=f"+336010203{i:02d}",
+            text="hi",
+            encoding="gsm7",
+            parts=1,
+            max_parts=5,
+        )
         for i in range(10)
     ]
     await store.add_request(new_request(recipients=drafts))
     (claimed,) = await store.claim_requests(NOW, 60, 10)
     sent = [1, 2, 3, 5, 6, 9]  # accepted, in two runs and a lone one
     await store.mark_submitting([(claimed.id, i) for i in [*sent, 4, 7, 10]], "cm", NOW + 60)
-    results = [RecipientResult(claimed.id, i, 0, "cm", None, "accepted", NOW) for i in sent]
-    results += [RecipientResult(claimed.id, i, 7, "cm", None, "invalid", NOW) for i in (4, 7)]
-    results.append(RecipientResult(claimed.id, 10, None, "cm", None, "503", NOW + 30, 0, 1))
+    results = [
+        RecipientResult(
+            request_id=claimed.id,
+            idx=i,
+            code=0,
+            provider="cm",
+            provider_message_id=None,
+            detail="accepted",
+            due_at=NOW,
+        )
+        for i in sent
+    ]
+    results += [
+        RecipientResult(
+            request_id=claimed.id,
+            idx=i,
+            code=7,
+            provider="cm",
+            provider_message_id=None,
+            detail="invalid",
+            due_at=NOW,
+        )
+        for i in (4, 7)
+    ]
+    results.append(
+        RecipientResult(
+            request_id=claimed.id,
+            idx=10,
+            code=None,
+            provider="cm",
+            provider_message_id=None,
+            detail="503",
+            due_at=NOW + 30,
+            provider_index=0,
+            attempts=1,
+        )
+    )
     await store.record_results(results, NOW)
     read = await store._read(
         lambda tx: tx.all(
@@ -203,7 +275,7 @@ async def test_report_data_many_reads_each_request_once_and_skips_unknown(
     store: SqlStore,
 ) -> None:
     first = await store.add_request(new_request("a"))
-    second = await store.add_request(new_request("b", recipients=[RecipientDraft("x", code=7)]))
+    second = await store.add_request(new_request("b", recipients=[RecipientDraft(tel="x", code=7)]))
     many = await store.report_data_many(
         [first.request_id, second.request_id, first.request_id, 999]
     )
@@ -215,12 +287,16 @@ async def test_report_data_many_reads_each_request_once_and_skips_unknown(
 async def test_plain_report_only_when_a_number_failed(store: SqlStore) -> None:
     """SPEC 9, plain.reports: failures: the text report is queued only when a
     number did not get code 0; `all` always; the XML Not never for plain mode."""
-    ok = [RecipientDraft("0601020304", "+33601020304", "x", "gsm7", 1, 5)]
+    ok = [
+        RecipientDraft(
+            tel="0601020304", number="+33601020304", text="x", encoding="gsm7", parts=1, max_parts=5
+        )
+    ]
     failed = new_request("p1", ack_to=None, plain_reports="failures")
     quiet = new_request("p2", ack_to=None, plain_reports="failures", recipients=ok)
     everything = new_request("p3", ack_to=None, plain_reports="all", recipients=ok)
     ids = [(await store.add_request(r)).request_id for r in (failed, quiet, everything)]
-    results = [RecipientResult(i, 1, 0, "outbox") for i in ids]
+    results = [RecipientResult(request_id=i, idx=1, code=0, provider="outbox") for i in ids]
     await store.record_results(results, NOW)
     assert sorted(await store.finish_if_done(ids, NOW)) == sorted(ids)
     reports = await store.claim_reports(NOW, 10, 60)

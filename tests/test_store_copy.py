@@ -33,14 +33,23 @@ async def fill(path: Path) -> str:
     await store.open()
     try:
         done = (await store.add_request(new_request("done-1"))).request_id
-        await store.record_results([RecipientResult(done, 1, 0, "outbox", "k1")], NOW)
+        await store.record_results(
+            [
+                RecipientResult(
+                    request_id=done, idx=1, code=0, provider="outbox", provider_message_id="k1"
+                )
+            ],
+            NOW,
+        )
         await store.finish_if_done([done], NOW)
         await store.add_request(new_request("queued-2"))
         (claimed,) = await store.claim_requests(NOW, 600, 10)
         await store.mark_submitting([(claimed.id, 1)], "outbox", 600)  # then the daemon stops
         await store.add_events(
-            [DeliveryEvent("outbox", "k1", None, "DELIVRE", "", NOW, "d1", "{}"),
-             ReplyEvent("outbox", None, "+33601020304", None, "STOP", NOW, "r1", "{}")], NOW,
+            [DeliveryEvent(provider_type="outbox", message_id="k1", number=None, status="DELIVRE",
+                           text="", occurred_at=NOW, dedupe_key="d1", raw="{}"),
+             ReplyEvent(provider_type="outbox", message_id=None, number="+33601020304", to=None,
+                        text="STOP", occurred_at=NOW, dedupe_key="r1", raw="{}")], NOW,
         )  # fmt: skip
         await store.process_events(NOW, 100, RULES)
         await store.reserve_credit("key", 3, 10)

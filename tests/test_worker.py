@@ -48,13 +48,14 @@ def alive(pid: int) -> bool:
 
 
 def worker_pid(daemon: DaemonProcess) -> int:
-    assert daemon.proc is not None
-    return wait_for(lambda: next(iter(children(daemon.proc.pid)), 0), what="the worker process")
+    proc = daemon.proc
+    assert proc is not None
+    return wait_for(lambda: next(iter(children(proc.pid)), 0), what="the worker process")
 
 
 def submit(daemon: DaemonProcess, number: str) -> str:
     msg = request_mail(num=number, sms="worker test")
-    email_id = msg.get_content().split("<emailId>")[1].split("<")[0]
+    email_id: str = msg.get_content().split("<emailId>")[1].split("<")[0]
     code, text = daemon.send(msg)
     assert code == 250, text
     return email_id

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 Encoding = Literal["gsm7", "ucs2"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SmsMessage:
     """One recipient's SMS, ready for a provider."""
 

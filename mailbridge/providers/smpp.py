@@ -271,27 +271,29 @@ def parse_deliver(name: str, message: Pdu, id_format: pdu.IdFormat, now: float) 
         if not raw_id or stat is None:
             digest = hashlib.sha256(raw.encode()).hexdigest()[:32]
             return DeliveryEvent(
-                provider_type, None, None, IN_PROGRESS, "unreadable receipt", None,
-                dedupe_key("smpp", name, "unreadable", digest), raw,
+                provider_type=provider_type, message_id=None, number=None, status=IN_PROGRESS,
+                text="unreadable receipt", occurred_at=None,
+                dedupe_key=dedupe_key("smpp", name, "unreadable", digest), raw=raw,
             )  # fmt: skip
         status = pdu.receipt_status(stat)
         err = receipt.err if receipt else None
         words = "" if status == "DELIVRE" else f"stat:{stat}" + (f" err:{err}" if err else "")
         message_id = pdu.receipted_id(raw_id, id_format)
         return DeliveryEvent(
-            provider_type, message_id, None, status, words,
-            receipt.done_date if receipt else None,
-            dedupe_key("smpp", name, message_id, stat, text), raw,
+            provider_type=provider_type, message_id=message_id, number=None, status=status,
+            text=words, occurred_at=receipt.done_date if receipt else None,
+            dedupe_key=dedupe_key("smpp", name, message_id, stat, text), raw=raw,
         )  # fmt: skip
     source = message.text("source_addr").strip()
     digits = source.removeprefix("+")
     number = "+" + digits if digits.isdigit() else source
     text = pdu.part_text(payload, message.num("esm_class"), message.num("data_coding"))
     return ReplyEvent(
-        provider_type, None, number, message.text("destination_addr") or None, text, now,
+        provider_type=provider_type, message_id=None, number=number,
+        to=message.text("destination_addr") or None, text=text, occurred_at=now,
         # No id in an MO: the same deliver_sm again (after a lost resp) within
         # the minute is the same reply.
-        dedupe_key("smpp", name, "mo", source, message.text("destination_addr"),
-                   payload.hex(), int(now // 60)),
-        raw,
+        dedupe_key=dedupe_key("smpp", name, "mo", source, message.text("destination_addr"),
+                              payload.hex(), int(now // 60)),
+        raw=raw,
     )  # fmt: skip

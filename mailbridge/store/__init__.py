@@ -39,7 +39,7 @@ class StoreUnavailable(Exception):
     """The store could not take the write (disk full, locked too long, I/O error)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StoreStatus:
     """What `mailbridge status` shows: counts by state and the last errors."""
 

@@ -22,7 +22,7 @@ from mailbridge.store import queue as q
 from mailbridge.store.engine import Tx
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class QueueEntry:
     """One unfinished request, as `queue list` shows it."""
 

@@ -171,7 +171,21 @@ def claim_requests(
         " coalesce(first_due_at, received_at)",
         (lease_s, owner, *ids),
     )
-    return sorted((ClaimedRequest(*row) for row in claimed), key=lambda c: c.id)
+    requests = (
+        ClaimedRequest(
+            id=r[0],
+            account=r[1],
+            email_id=r[2],
+            sender=r[3],
+            reference=r[4],
+            attempts=r[5],
+            received_at=r[6],
+            token=r[7],
+            first_due_at=r[8],
+        )
+        for r in claimed
+    )
+    return sorted(requests, key=lambda c: c.id)
 
 
 def renew_leases(tx: Tx, request_ids: Sequence[int], lease_s: float, owner: str) -> set[int]:
@@ -218,7 +232,18 @@ def pending_recipients(
             (request_id, now, limit - len(rows)),
         )
     return [
-        PendingRecipient(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], bool(r[9]))
+        PendingRecipient(
+            request_id=r[0],
+            idx=r[1],
+            number=r[2],
+            text=r[3],
+            encoding=r[4],
+            parts=r[5],
+            max_parts=r[6],
+            provider_index=r[7],
+            attempts=r[8],
+            in_doubt=bool(r[9]),
+        )
         for r in rows
     ]
 
@@ -383,7 +408,11 @@ def claim_reports(tx: Tx, now: float, limit: int, lease_s: float, owner: str) ->
         " RETURNING id, request_id, kind, to_addr, created_at, attempts",
         (lease_s, owner, *ids),
     )
-    return sorted((ReportJob(*r) for r in rows), key=lambda j: j.id)
+    jobs = (
+        ReportJob(id=r[0], request_id=r[1], kind=r[2], to_addr=r[3], created_at=r[4], attempts=r[5])
+        for r in rows
+    )
+    return sorted(jobs, key=lambda j: j.id)
 
 
 def report_data(tx: Tx, request_id: int) -> ReportData:
@@ -397,7 +426,14 @@ def report_data(tx: Tx, request_id: int) -> ReportData:
         "SELECT tel, coalesce(code, 999) FROM recipients WHERE request_id = ? ORDER BY idx",
         (request_id,),
     )
-    return ReportData(row[0], row[1], bool(row[2]), [(t, c) for t, c in rows], row[3], row[4])
+    return ReportData(
+        email_id=row[0],
+        ack_code=row[1],
+        numbered=bool(row[2]),
+        rows=[(t, c) for t, c in rows],
+        in_reply_to=row[3],
+        plain_reports=row[4],
+    )
 
 
 def report_data_many(tx: Tx, request_ids: Sequence[int]) -> dict[int, ReportData]:
