@@ -100,8 +100,11 @@ def parse_command(command: str) -> str | None:
     try:
         with contextlib.redirect_stderr(err):
             build_parser().parse_args(argv)
-    except SystemExit:
-        return err.getvalue().strip().splitlines()[-1]
+    except SystemExit as exit_:
+        if exit_.code in (0, None):  # --version, --help: taken, and answered
+            return None
+        lines = err.getvalue().strip().splitlines()
+        return lines[-1] if lines else f"exit {exit_.code}"
     return None
 
 
