@@ -716,57 +716,31 @@ class Dispatcher:
             )
         attempts = rcpt.attempts + 1
         settings = self.provider_configs[name]
+
+        def again(due_at: float, provider_index: int, tries: int, detail: str) -> RecipientResult:
+            # Not final: tried again at due_at (this provider or the next one).
+            return RecipientResult(
+                request_id=rid, idx=idx, code=None, provider=name, detail=detail,
+                due_at=due_at, provider_index=provider_index, attempts=tries,
+                refund_parts=rcpt.parts, unsent=outcome.unsent,
+            )  # fmt: skip
+
         if attempts < settings.retry_attempts:
             due = now + backoff(settings.retry_backoff_s, attempts, jitter)
-            return RecipientResult(
-                request_id=rid,
-                idx=idx,
-                code=None,
-                provider=name,
-                provider_message_id=None,
-                detail=outcome.detail,
-                due_at=due,
-                provider_index=rcpt.provider_index,
-                attempts=attempts,
-                refund_parts=rcpt.parts,
-                unsent=outcome.unsent,
-            )
+            return again(due, rcpt.provider_index, attempts, outcome.detail)
         if rcpt.provider_index + 1 < len(route):
             log.warning(
                 "%s: %s failed %d times for %s (%s); failing over to %s",
                 _tag(claimed), name, attempts, rcpt.number, outcome.detail,
                 route[rcpt.provider_index + 1], extra=_fields([claimed]),
             )  # fmt: skip
-            return RecipientResult(
-                request_id=rid,
-                idx=idx,
-                code=None,
-                provider=name,
-                provider_message_id=None,
-                detail=outcome.detail,
-                due_at=now,
-                provider_index=rcpt.provider_index + 1,
-                attempts=0,
-                refund_parts=rcpt.parts,
-                unsent=outcome.unsent,
-            )
+            return again(now, rcpt.provider_index + 1, 0, outcome.detail)
         breaker = self.breakers[name]
         if not breaker.allows(now) and now < self._hold_ends_at(claimed):
             # The provider is down as a whole, not refusing this message: wait
             # for it to come back rather than fail the recipient.
-            return RecipientResult(
-                request_id=rid,
-                idx=idx,
-                code=None,
-                provider=name,
-                provider_message_id=None,
-                detail=f"{name} is down: {outcome.detail}",
-                due_at=breaker.open_until,
-                provider_index=rcpt.provider_index,
-                attempts=attempts,
-                refund_parts=rcpt.parts,
-                unsent=outcome.unsent,
-            )
+            detail = f"{name} is down: {outcome.detail}"
+            return again(breaker.open_until, rcpt.provider_index, attempts, detail)
         return RecipientResult(
             request_id=rid,
             idx=idx,

@@ -17,6 +17,8 @@ import pytest
 
 from mailbridge.config import StoreConfig
 from mailbridge.store.sqlstore import SqlStore
+from tests.fake_cm import FakeCm
+from tests.httpfake import ProviderServer
 from tests.pg import PgCluster, pg_bin
 from tests.smsc_peer import smsc  # noqa: F401  (the SMSC peer, for every SMPP test)
 
@@ -30,6 +32,15 @@ def pg_cluster() -> Iterator[PgCluster]:
     cluster = PgCluster().start()
     yield cluster
     cluster.destroy()
+
+
+@pytest.fixture
+def cm() -> Iterator[tuple[FakeCm, ProviderServer]]:
+    """CM's JSON gateway (tests/fake_cm.py) on a real HTTP server, per test."""
+    fake = FakeCm()
+    with ProviderServer(fake) as server:
+        yield fake, server
+    fake.release()
 
 
 def postgres_config(cluster: PgCluster, **kw: object) -> StoreConfig:

@@ -18,7 +18,6 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,14 +37,6 @@ from tests.support import (
 )
 
 WRONG_TOKEN = "00000000-0000-0000-0000-000000000000"
-
-
-@pytest.fixture
-def cm() -> Iterator[tuple[FakeCm, ProviderServer]]:
-    fake = FakeCm()
-    with ProviderServer(fake) as server:
-        yield fake, server
-    fake.release()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -32,14 +32,6 @@ from tests.support import (
 
 
 @pytest.fixture
-def cm() -> Iterator[tuple[FakeCm, ProviderServer]]:
-    fake = FakeCm()
-    with ProviderServer(fake) as server:
-        yield fake, server
-    fake.release()
-
-
-@pytest.fixture
 def restore_logging() -> Iterator[None]:
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level

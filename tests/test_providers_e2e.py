@@ -29,14 +29,6 @@ FAST = {"retry_backoff_s": 0.05, "timeout_s": 10}
 
 
 @pytest.fixture
-def cm() -> Iterator[tuple[FakeCm, ProviderServer]]:
-    fake = FakeCm()
-    with ProviderServer(fake) as server:
-        yield fake, server
-    fake.release()
-
-
-@pytest.fixture
 def smsmode() -> Iterator[tuple[FakeSmsmode, ProviderServer]]:
     fake = FakeSmsmode()
     with ProviderServer(fake) as server:
