@@ -55,9 +55,11 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 class Proc:
     """A child process that prints "PORT <n>" (our servers) or is a daemon."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> None:
         self.p = subprocess.Popen(
-            args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True
+            args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True, cwd=cwd
         )
         self.port = 0
         self.http_port = 0
@@ -157,9 +159,11 @@ def start_daemon(
     synchronous: str,
     http: dict[str, Any] | None = None,
     store: dict[str, Any] | None = None,
+    code: Path | None = None,
 ) -> Proc:
     """The daemon on the benchmark's peers; with `http`, its receiver too
-    (`proc.http_port`); `store`: another store section (PostgreSQL)."""
+    (`proc.http_port`); `store`: another store section (PostgreSQL); `code`: a
+    checkout whose mailbridge runs instead of this one (the A/B baseline)."""
     config: dict[str, Any] = {
         "smtp": {"listen": "127.0.0.1:0", "recipients": [INTAKE], "max_message_bytes": 20_000_000},
         "store": {"sqlite": str(tmp / "mailbridge.db"), "synchronous": synchronous},
@@ -199,7 +203,9 @@ def start_daemon(
     sock.bind("\0" + name)
     sock.settimeout(60)
     env = {**os.environ, "NOTIFY_SOCKET": "@" + name}
-    proc = Proc([sys.executable, "-m", "mailbridge", "serve", "-c", str(path)], env=env)
+    if code is not None:  # found before the editable install of this checkout
+        env["PYTHONPATH"] = str(code)
+    proc = Proc([sys.executable, "-m", "mailbridge", "serve", "-c", str(path)], env=env, cwd=code)
     try:
         while "READY=1" not in (data := sock.recv(4096).decode()):
             pass
@@ -372,9 +378,10 @@ def fmt_ms(s: float) -> str:
     return f"{s * 1000:.1f} ms"
 
 
-def run(quick: bool, synchronous: str) -> tuple[list[Row], dict[str, Any]]:
+def run(
+    quick: bool, synchronous: str, baseline: Path | None = None
+) -> tuple[list[Row], dict[str, Any]]:
     n = 60 if quick else 2000
-    csv_lines = 2_000 if quick else 100_000
     scenarios = [(1, False), (1, True), (20, False), (20, True)]
     rows: list[Row] = []
     raw: dict[str, Any] = {}
@@ -423,7 +430,7 @@ def run(quick: bool, synchronous: str) -> tuple[list[Row], dict[str, Any]]:
         e2e_ids: list[str] = []
         for conns, reuse in scenarios:
             mails, ids = single_mails(n, f"mb{conns}{int(reuse)}")
-            start = time.time()
+            start, cpu0 = time.time(), daemon.cpu_s()
             r = load(daemon.port, mails, conns, reuse)
             ratio = r.rate / limits[(conns, reuse)]
             raw[f"intake_{conns}_{reuse}"] = {
@@ -447,6 +454,8 @@ def run(quick: bool, synchronous: str) -> tuple[list[Row], dict[str, Any]]:
                 600,
                 "the Nots of an intake scenario",
             )
+            if (conns, reuse) == (20, True):
+                e2e_cpu = (daemon.cpu_s() - cpu0) / n
         assert e2e is not None
         arrivals = sink_log.refresh()
         nots = [arrivals[f"etatNot {e}"] for e in e2e_ids]
@@ -456,48 +465,24 @@ def run(quick: bool, synchronous: str) -> tuple[list[Row], dict[str, Any]]:
             "rate": e2e_rate,
             "p50": latencies[len(latencies) // 2],
             "p99": latencies[int(0.99 * (len(latencies) - 1))],
+            "cpu_per_email": e2e_cpu,
         }
         rows.append(
             Row(
                 "mailbridge end to end (20 conn, reused)",
                 f"{e2e_rate:.0f} emails/s",
                 f"{e2e_rate / limits[(20, True)]:.2f}",
-                f"250→Not p50 {fmt_ms(raw['e2e']['p50'])}, p99 {fmt_ms(raw['e2e']['p99'])}",
+                f"250→Not p50 {fmt_ms(raw['e2e']['p50'])}, p99 {fmt_ms(raw['e2e']['p99'])},"
+                f" daemon CPU {e2e_cpu * 1e6:.0f} µs per email",
             )
         )
 
-        numbers = [f"06{10_000_000 + i:08d}" for i in range(500)]
-        same = {f"num{i + 1}": num for i, num in enumerate(numbers)} | {
-            "sms": "Promo -10% ce week-end"
-        }
-        personal = {f"num{i + 1}": num for i, num in enumerate(numbers)} | {
-            f"sms{i + 1}": f"Bonjour client {i}, votre code est {1000 + i}" for i in range(500)
-        }
-        for label, fields in (
-            ("500 numbers, one text", same),
-            ("500 numbers, personal texts", personal),
-        ):
-            mails = [envoi_mail(secrets.token_hex(6), fields) for _ in range(3 if quick else 10)]
-            rows.append(fan_out(daemon, provider, label, mails, 500, raw))
-        daemon.stop()
-
-        # A fresh daemon so that its peak RSS is the CSV's.
-        daemon = start_daemon(tmp / "d2", provider.port, sink.port, synchronous)
-        procs.append(daemon)
-        mobiles = "".join(
-            f"06{10_000_000 + i:08d};;client {i}\n" for i in range(csv_lines)
-        ).encode()
-        csv_mail = envoi_mail(
-            secrets.token_hex(6),
-            {},
-            {"mobiles.csv": mobiles, "message.csv": b"Bonjour [1], votre colis arrive demain"},
-        )
-        rows.append(
-            fan_out(
-                daemon, provider, f"mobiles.csv of {csv_lines} lines", [csv_mail], csv_lines, raw
-            )
+        rows += fan_out_rows(
+            tmp, daemon, provider, sink_log, sink.port, synchronous, quick, baseline, raw
         )
         daemon.stop()
+        rows += callback_rows(tmp, provider.port, sink.port, quick, raw)
+        rows += smpp_rows(tmp, sink.port, quick, raw)
     finally:
         for p in procs:
             p.stop()
@@ -505,39 +490,233 @@ def run(quick: bool, synchronous: str) -> tuple[list[Row], dict[str, Any]]:
     return rows, raw
 
 
-def fan_out(
-    daemon: Proc, provider: Proc, label: str, mails: list[bytes], expected: int, raw: dict[str, Any]
-) -> Row:
-    """Each mail in turn, alone: median wall time, mean daemon CPU (the kernel
-    counts CPU in 10 ms ticks: a mean over several runs resolves a 50 ms figure)."""
-    walls: list[float] = []
-    requests: list[int] = []
+@dataclass
+class FanOut:
+    """One side's measurements of one fan-out mail, over its runs."""
+
+    walls: list[float]
+    cpus: list[float]
+    requests: list[int]
+    rss: float = 0.0
+
+    def wall(self) -> float:
+        return sorted(self.walls)[len(self.walls) // 2]
+
+    def cpu(self) -> float:
+        return sum(self.cpus) / len(self.cpus)
+
+
+def fan_out_once(
+    daemon: Proc,
+    provider: Proc,
+    sink: SinkLog | SinkDir,
+    fields: dict[str, str],
+    attachments: dict[str, bytes] | None,
+    expected: int,
+    into: FanOut,
+) -> None:
+    """One mail alone: wall time until the provider has every SMS, its requests,
+    and the daemon's CPU until the mail's Not reaches the sink (all of its work)."""
+    email_id = secrets.token_hex(6)
+    mail = envoi_mail(email_id, fields, attachments)
+    provider_reset(provider.port)
     cpu0 = daemon.cpu_s()
-    for mail in mails:
-        provider_reset(provider.port)
-        start = time.time()
-        load(daemon.port, [mail], 1, False)
-        wait_until(lambda: provider_stats(provider.port)["messages"] >= expected, 600, label)
-        stats = provider_stats(provider.port)
-        walls.append(stats["last"] - start)
-        requests.append(stats["requests"])
-    cpu = (daemon.cpu_s() - cpu0) / len(mails)
-    wall = sorted(walls)[len(walls) // 2]
-    raw[label] = {
-        "wall": wall,
-        "requests": max(requests),
-        "cpu": cpu,
-        "rss": daemon.peak_rss_mb(),
-        "runs": len(mails),
+    start = time.time()
+    load(daemon.port, [mail], 1, False)
+    wait_until(lambda: provider_stats(provider.port)["messages"] >= expected, 600, "fan-out")
+    stats = provider_stats(provider.port)
+    into.walls.append(stats["last"] - start)
+    into.requests.append(stats["requests"])
+    wait_until(lambda: sink.has_all([f"etatNot {email_id}"]), 600, "the fan-out's Not")
+    into.cpus.append(daemon.cpu_s() - cpu0)
+    into.rss = max(into.rss, daemon.peak_rss_mb())
+
+
+def fan_out_rows(
+    tmp: Path,
+    daemon: Proc,
+    provider: Proc,
+    sink: SinkLog | SinkDir,
+    sink_port: int,
+    synchronous: str,
+    quick: bool,
+    baseline: Path | None,
+    raw: dict[str, Any],
+) -> list[Row]:
+    """The fan-out mails, each alone; with `baseline`, the same mails on a daemon
+    of that checkout, alternating with this one's (A/B in one run)."""
+    rows: list[Row] = []
+    numbers = [f"06{10_000_000 + i:08d}" for i in range(500)]
+    same = {f"num{i + 1}": num for i, num in enumerate(numbers)} | {"sms": "Promo -10% ce week-end"}
+    personal = {f"num{i + 1}": num for i, num in enumerate(numbers)} | {
+        f"sms{i + 1}": f"Bonjour client {i}, votre code est {1000 + i}" for i in range(500)
     }
-    runs = f", median of {len(mails)} runs" if len(mails) > 1 else ""
-    return Row(
-        f"fan-out: {label}",
-        f"{wall * 1000:.0f} ms",
-        "",
-        f"{max(requests)} HTTP request(s), daemon CPU {cpu * 1000:.0f} ms{runs}, "
-        f"peak RSS {daemon.peak_rss_mb():.0f} MB",
-    )
+    sides = {"this": daemon}
+    if baseline is not None:
+        sides["baseline"] = start_daemon(
+            tmp / "b1", provider.port, sink_port, synchronous, code=baseline
+        )
+    try:
+        for label, fields in (
+            ("500 numbers, one text", same),
+            ("500 numbers, personal texts", personal),
+        ):
+            found = {side: FanOut([], [], []) for side in sides}
+            for _ in range(3 if quick else 10):
+                for side, proc in sides.items():
+                    fan_out_once(proc, provider, sink, fields, None, 500, found[side])
+            rows += fan_out_report(label, found, 500, raw)
+    finally:
+        if "baseline" in sides:
+            sides["baseline"].stop()
+
+    # A fresh daemon per run so that its peak RSS is the CSV's.
+    csv_lines = 2_000 if quick else 100_000
+    mobiles = "".join(f"06{10_000_000 + i:08d};;client {i}\n" for i in range(csv_lines)).encode()
+    attachments = {"mobiles.csv": mobiles, "message.csv": b"Bonjour [1], votre colis arrive demain"}
+    found = {side: FanOut([], [], []) for side in sides}
+    for round_ in range(1 if quick or baseline is None else 2):
+        for side in sides:
+            fresh = start_daemon(
+                tmp / f"csv-{side}-{round_}", provider.port, sink_port, synchronous,
+                code=baseline if side == "baseline" else None,
+            )  # fmt: skip
+            try:
+                fan_out_once(fresh, provider, sink, {}, attachments, csv_lines, found[side])
+            finally:
+                fresh.stop()
+    rows += fan_out_report(f"mobiles.csv of {csv_lines} lines", found, csv_lines, raw)
+    return rows
+
+
+def fan_out_report(
+    label: str, found: dict[str, FanOut], recipients: int, raw: dict[str, Any]
+) -> list[Row]:
+    rows = []
+    this = found["this"]
+    for side, f in found.items():
+        per = f.cpu() / recipients * 1e6
+        key = label if side == "this" else f"{label} (baseline)"
+        raw[key] = {
+            "wall": f.wall(), "requests": max(f.requests), "cpu": f.cpu(),
+            "cpu_us_per_recipient": per, "rss": f.rss, "runs": len(f.walls),
+        }  # fmt: skip
+        runs = f", median of {len(f.walls)} runs" if len(f.walls) > 1 else ""
+        rows.append(
+            Row(
+                f"fan-out: {label}" + (" — baseline" if side == "baseline" else ""),
+                f"{f.wall() * 1000:.0f} ms",
+                f"{this.cpu() / f.cpu():.2f} of baseline CPU" if side == "baseline" else "",
+                f"{max(f.requests)} HTTP request(s), daemon CPU {f.cpu() * 1000:.0f} ms"
+                f" ({per:.0f} µs per recipient){runs}, peak RSS {f.rss:.0f} MB",
+            )
+        )
+    return rows
+
+
+def callback_rows(
+    tmp: Path, provider_port: int, sink_port: int, quick: bool, raw: dict[str, Any]
+) -> list[Row]:
+    """Delivery callbacks stored per second (bench/callbacks.py's wrk part): a bare
+    aiohttp handler, then the daemon's receiver storing each durably."""
+    if shutil.which("wrk") is None:
+        return [Row("delivery callbacks", "wrk not installed", "", "apt-get install wrk")]
+    import callbacks  # the same measure bench/callbacks.py prints
+
+    seconds = 2 if quick else 10
+    bare = start_server("hooks")
+    try:
+        bare_rps, bare_p99 = callbacks.wrk(bare.port, "/hooks/x/cm", seconds, 20, tmp)
+    finally:
+        bare.stop()
+    daemon = start_daemon(
+        tmp / "cb", provider_port, sink_port, "full",
+        http={"listen": "127.0.0.1:0", "token": callbacks.TOKEN},
+    )  # fmt: skip
+    try:
+        before = callbacks.stored_events(tmp / "cb" / "mailbridge.db")
+        cpu0 = daemon.cpu_s()
+        rps, p99 = callbacks.wrk(daemon.http_port, f"/hooks/{callbacks.TOKEN}/cm", seconds, 20, tmp)
+        cpu = daemon.cpu_s() - cpu0
+        stored = callbacks.stored_events(tmp / "cb" / "mailbridge.db") - before
+    finally:
+        daemon.stop()
+    raw["callbacks"] = {"bare": bare_rps, "rate": rps, "stored": stored, "cpu": cpu}
+    return [
+        Row(
+            "bare aiohttp handler, 20 conn (wrk)",
+            f"{bare_rps:.0f} req/s",
+            "1.00",
+            f"p99 {bare_p99}",
+        ),
+        Row(
+            "mailbridge delivery callbacks stored, 20 conn (wrk)",
+            f"{rps:.0f} req/s",
+            f"{rps / bare_rps:.2f} of bare aiohttp",
+            f"p99 {p99}, {stored} stored, {cpu / max(stored, 1) * 1e6:.0f} µs daemon CPU each",
+        ),
+    ]
+
+
+def smpp_rows(tmp: Path, sink_port: int, quick: bool, raw: dict[str, Any]) -> list[Row]:
+    """SMPP parts per second at window 10 (bench/smpp.py's measure) against the
+    SMSC peer's own limit (a bare client at the same window, bench/smsc_limit.py),
+    with the SMSC on loopback and answering after 5 ms."""
+    import smpp  # bench/smpp.py
+
+    if shutil.which("node") is None or not (REPO / "tests/smsc/node_modules/smpp").exists():
+        return [Row("SMPP", "node-smpp not installed", "", "cd tests/smsc && npm ci")]
+    parts = 100 if quick else 2000
+    rows = []
+    for delay in (0, 5):
+        limit = smpp.Smsc(tmp / f"limit-{delay}.jsonl")
+        try:
+            limit.call("delay", ms=delay)
+            out = subprocess.run(
+                [sys.executable, str(REPO / "bench" / "smsc_limit.py"), str(limit.port), smpp.SYSTEM_ID,
+                 smpp.PASSWORD, str(parts), "10"],
+                capture_output=True, text=True, timeout=600, check=True,
+            ).stdout  # fmt: skip
+            peer = float(json.loads(out)["parts_per_s"])
+        finally:
+            limit.stop()
+        r = smpp.run_one(tmp, 10, delay, parts, sink_port)
+        raw[f"smpp_{delay}ms"] = {"peer": peer, **r}
+        rows.append(
+            Row(
+                f"SMSC peer (node-smpp), bare client, window 10, answers after {delay} ms",
+                f"{peer:.0f} parts/s",
+                "1.00",
+                f"{parts} one-part submit_sm",
+            )
+        )
+        rows.append(
+            Row(
+                f"mailbridge SMPP, window 10, answers after {delay} ms",
+                f"{r['parts_per_s']:.0f} parts/s",
+                f"{r['parts_per_s'] / peer:.2f} of the peer's limit",
+                f"daemon CPU {r['cpu_us_per_part']:.0f} µs per part,"
+                f" max outstanding {r['max_outstanding']}",
+            )
+        )
+    return rows
+
+
+def git(*args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def checkout(commit: str, where: Path) -> Path:
+    """The tree of `commit` (git archive) under `where`: the baseline's code."""
+    tree = where / "tree"
+    tree.mkdir()
+    archive = subprocess.run(
+        ["git", "archive", commit], cwd=REPO, capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    return tree
 
 
 def machine() -> str:
@@ -559,10 +738,21 @@ def main() -> int:
     parser.add_argument("--synchronous", default="full", choices=["full", "normal"])
     parser.add_argument("--out", type=Path, help="also write the table (Markdown) here")
     parser.add_argument("--json", type=Path, help="also write the raw figures here")
+    parser.add_argument(
+        "--baseline",
+        metavar="COMMIT",
+        help="also run the fan-out mails on a daemon of this commit, alternating (A/B)",
+    )
     args = parser.parse_args()
-    rows, raw = run(args.quick, args.synchronous)
+    with tempfile.TemporaryDirectory(prefix="mb-baseline-") as where:
+        baseline = checkout(args.baseline, Path(where)) if args.baseline else None
+        rows, raw = run(args.quick, args.synchronous, baseline)
+    commit = git("rev-parse", "--short", "HEAD")
+    dirty = " (with uncommitted changes)" if git("status", "--porcelain", "-uno") else ""
     lines = [
         f"Machine: {machine()}",
+        f"Commit: {commit}{dirty}"
+        + (f"; baseline {git('rev-parse', '--short', args.baseline)}" if args.baseline else ""),
         f"Store: SQLite WAL, synchronous={args.synchronous}",
         "",
         "| measure | result | ratio to bare aiosmtpd | details |",

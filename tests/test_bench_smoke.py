@@ -21,7 +21,7 @@ def test_quick_benchmark_runs_every_scenario(tmp_path: Path) -> None:
     raw = tmp_path / "raw.json"
     table = tmp_path / "table.md"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "run.py"), "--quick",
+        [sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--baseline", "HEAD",
          "--out", str(table), "--json", str(raw)],
         capture_output=True, text=True, timeout=300, cwd=REPO,
     )  # fmt: skip
@@ -36,11 +36,17 @@ def test_quick_benchmark_runs_every_scenario(tmp_path: Path) -> None:
         "fan-out: 500 numbers, one text",
         "fan-out: 500 numbers, personal texts",
         "fan-out: mobiles.csv of 2000 lines",
+        "fan-out: mobiles.csv of 2000 lines — baseline",
+        "mailbridge delivery callbacks stored",
+        "mailbridge SMPP, window 10, answers after 5 ms",
     ):
         assert row in text, row
     figures = json.loads(raw.read_text())
     # Same text to 500 numbers: one CM request; every SMS reached the provider.
     assert figures["500 numbers, one text"]["requests"] == 1
+    assert figures["500 numbers, one text (baseline)"]["requests"] == 1
+    assert figures["callbacks"]["stored"] > 0
+    assert figures["smpp_5ms"]["parts"] == 100 and figures["smpp_5ms"]["peer"] > 0
     assert figures["intake_20_True"]["rate"] > 0
     assert figures["e2e"]["p99"] >= figures["e2e"]["p50"] > 0
 

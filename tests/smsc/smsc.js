@@ -217,6 +217,9 @@ function onSubmit(session, pdu) {
 }
 
 const server = smpp.createServer((session) => {
+  // Answers leave at once, as from a real SMSC: with Nagle on, a window of small
+  // submit_sm_resp waits for the client's delayed ACK (~40 ms each round).
+  session.socket.setNoDelay(true);
   session.number = ++sessionCount;
   session.outstanding = 0;
   session.max_outstanding = 0;
