@@ -673,8 +673,8 @@ def smpp_rows(tmp: Path, sink_port: int, quick: bool, raw: dict[str, Any]) -> li
         try:
             limit.call("delay", ms=delay)
             out = subprocess.run(
-                [sys.executable, str(REPO / "bench" / "smsc_limit.py"), str(limit.port), smpp.SYSTEM_ID,
-                 smpp.PASSWORD, str(parts), "10"],
+                [sys.executable, str(REPO / "bench" / "smsc_limit.py"), str(limit.port),
+                 smpp.SYSTEM_ID, smpp.PASSWORD, str(parts), "10"],
                 capture_output=True, text=True, timeout=600, check=True,
             ).stdout  # fmt: skip
             peer = float(json.loads(out)["parts_per_s"])
