@@ -46,7 +46,7 @@ def pid_cpu_s(pid: int) -> float:
 def run_side(python: str, tmp: Path, mails: int, limit: float, tag: str) -> SideResult:
     provider = bench.start_server("provider")
     sink, sink_log = bench.start_report_sink(tmp)
-    with mock.patch.object(bench.sys, "executable", python):
+    with mock.patch.object(sys, "executable", python):
         daemon = bench.start_daemon(tmp / "d", provider.port, sink.port, "full")
     try:
         intake_pid, worker_pid = daemon.pids()[:2]
