@@ -33,9 +33,10 @@ STAGES = {
     "store thread (SQLite)": ("Engine._serve",),
     "dispatch (claim, route, batch, record)": ("Dispatcher.process", "Dispatcher._send_chunk"),
     "  of which the provider adapter (CM JSON, HTTP)": ("CmProvider.send",),
-    "reports (render + aiosmtplib)": ("Mailer.deliver",),
-    "  of which aiosmtplib sendmail": ("SMTP.sendmail",),
-    "  of which report rendering (jinja2)": ("ReportRenderer.body",),
+    "reports (render, relay, marks)": ("Mailer.run_once", "Mailer._deliver_lane"),
+    "  of which the relay client (pipelined SMTP)": ("RelayConnection.send",),
+    "  of which rendering (bodies and headers)": ("Mailer._letters",),
+    "  of which relay connection set-up (aiosmtplib)": ("RelayConnection.open",),
 }
 
 
