@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -117,7 +117,7 @@ class RelayConnection(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._drained: asyncio.Future[None] | None = None
         self._paused = False
-        self._lost: Exception | None = None
+        self._lost: RelayUnavailable | None = None
         self._progress_at = 0.0
         self._timer: asyncio.TimerHandle | None = None
 
@@ -224,7 +224,7 @@ class RelayConnection(asyncio.Protocol):
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 
-    def _fail(self, err: Exception) -> None:
+    def _fail(self, err: RelayUnavailable) -> None:
         if self._lost is None:
             self._lost = err
         for future in (self._waiter, self._drained):
@@ -254,23 +254,37 @@ class RelayConnection(asyncio.Protocol):
                 self._timer = None
 
     async def _exchange(self, chunks: list[bytes], replies: int) -> list[Reply]:
-        """Write `chunks` at once and wait for `replies` replies."""
+        """Write `chunks` at once and wait for `replies` replies. Fewer when the
+        connection ended meanwhile (`_lost` says why): the replies that came
+        before still count."""
         if self._lost is not None:
             raise self._lost
         assert self.transport is not None
         self.transport.writelines(chunks)
-        if self._paused:  # a big message: let the relay take it first
-            self._drained = self._loop.create_future()
-            await self._wait(self._drained)
-        if len(self._replies) < replies:
-            self._want = replies
-            self._waiter = self._loop.create_future()
-            try:
-                await self._wait(self._waiter)
-            finally:
-                self._waiter = None
+        try:
+            if self._paused:  # a big message: let the relay take it first
+                self._drained = self._loop.create_future()
+                await self._wait(self._drained)
+            if len(self._replies) < replies:
+                self._want = replies
+                self._waiter = self._loop.create_future()
+                try:
+                    await self._wait(self._waiter)
+                finally:
+                    self._waiter = None
+        except RelayUnavailable:
+            pass  # the connection is gone: hand over what came
         got, self._replies = self._replies[:replies], self._replies[replies:]
         return got
+
+    def _gone(self) -> RelayUnavailable:
+        return self._lost or RelayUnavailable("the relay sent fewer replies than commands")
+
+    def _next(self, replies: Iterator[Reply]) -> Reply:
+        reply = next(replies, None)
+        if reply is None:
+            raise self._gone()
+        return reply
 
     async def _round(self, chunks: list[bytes], envelope_from: int) -> list[Reply]:
         """Send one round: with PIPELINING in one write; without, each chunk
@@ -280,9 +294,9 @@ class RelayConnection(asyncio.Protocol):
             return await self._exchange(chunks, len(chunks))
         got: list[Reply] = []
         for i, chunk in enumerate(chunks):
-            (reply,) = await self._exchange([chunk], 1)
-            got.append(reply)
-            if i >= envelope_from and reply.code >= 400:
+            replies = await self._exchange([chunk], 1)
+            got += replies
+            if not replies or (i >= envelope_from and replies[0].code >= 400):
                 break
         return got
 
@@ -324,17 +338,17 @@ class RelayConnection(asyncio.Protocol):
                 if reset:
                     chunks.append(b"RSET\r\n")
                 start = len(chunks)
-                replies = await self._round(chunks + envelope, start)
+                replies = iter(await self._round(chunks + envelope, start))
                 if content is not None:
-                    self._settle(content[0], replies[0], outcomes, unanswered)
+                    self._settle(content[0], self._next(replies), outcomes, unanswered)
                 if reset:
-                    self._expect(replies[start - 1], 250, "RSET")
+                    self._expect(self._next(replies), 250, "RSET")
                 content, reset = self._envelope_outcome(
-                    i, letter, replies[start:], outcomes, unanswered
+                    i, letter, list(replies), outcomes, unanswered
                 )
             if content is not None:
-                replies = await self._round([content[1]], 1)
-                self._settle(content[0], replies[0], outcomes, unanswered)
+                replies = iter(await self._round([content[1]], 1))
+                self._settle(content[0], self._next(replies), outcomes, unanswered)
         except RelayUnavailable as err:
             self._fail(err)
             for i in unanswered:
@@ -362,9 +376,10 @@ class RelayConnection(asyncio.Protocol):
         refused = next(
             (r for r, ok in zip(replies, wanted, strict=False) if r.code not in ok), None
         )
-        if refused is None and len(replies) == 3:
+        if refused is None:
+            if len(replies) < 3:  # fewer replies only after a refusal, or when it ended
+                raise self._gone()
             return (i, wire_message(letter.mail)), False
-        assert refused is not None  # fewer replies only after a refusal
         outcomes[i] = _error(refused)
         unanswered.discard(i)
         if len(replies) == 3 and replies[2].code == 354:
