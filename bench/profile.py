@@ -30,12 +30,13 @@ import run as bench  # noqa: E402
 STAGES = {
     "SMTP dialogue (aiosmtpd)": ("SMTP._handle_client",),
     "parse + checks (examine)": ("IntakeHandler.examine",),
-    "store thread (SQLite)": ("SqliteStore._serve",),
+    "store thread (SQLite)": ("Engine._serve",),
     "dispatch (claim, route, batch, record)": ("Dispatcher.process", "Dispatcher._send_chunk"),
     "  of which the provider adapter (CM JSON, HTTP)": ("CmProvider.send",),
-    "reports (render + aiosmtplib)": ("Mailer.deliver",),
-    "  of which aiosmtplib sendmail": ("SMTP.sendmail",),
-    "  of which report rendering (jinja2)": ("ReportRenderer.body",),
+    "reports (render, relay, marks)": ("Mailer.run_once", "Mailer._deliver_lane"),
+    "  of which the relay client (pipelined SMTP)": ("RelayConnection.send",),
+    "  of which rendering (bodies and headers)": ("Mailer._letters",),
+    "  of which relay connection set-up (aiosmtplib)": ("RelayConnection.open",),
 }
 
 
@@ -74,6 +75,7 @@ def summarise(raw: Path) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("scenario", choices=["burst", "csv"])
+    parser.add_argument("--raw", type=Path, help="also keep py-spy's raw stacks here")
     args = parser.parse_args()
     spy_exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     tmp = Path(tempfile.mkdtemp(prefix="mb-profile-"))
@@ -112,6 +114,8 @@ def main() -> int:
         for p in (daemon, provider, sink):
             p.stop()
     print(summarise(raw))
+    if args.raw is not None:
+        shutil.copyfile(raw, args.raw)
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
 

@@ -23,7 +23,8 @@ import logging
 import os
 import random
 import socket
-from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -33,8 +34,11 @@ from mailbridge.clock import Clock, nap
 from mailbridge.config import RelayConfig, ReportsConfig
 from mailbridge.logs import request_fields, request_tag
 from mailbridge.model import ReportData, ReportJob
+from mailbridge.relay import Outcome, Outgoing, RelayConnection, RelayUnavailable, ReportRefused
 from mailbridge.report import Rendered, ReplyContent, ReportRenderer, compose_mail
 from mailbridge.store import Store, StoreUnavailable
+
+__all__ = ["Letter", "MaildirSink", "Mailer", "ReportRefused", "ReportSink", "SmtpRelaySink"]
 
 log = logging.getLogger(__name__)
 CLAIM_BATCH = 200
@@ -42,16 +46,19 @@ LEASE_S = 300.0
 MAILDIR_PARALLEL = 4  # file writes in flight (each fsyncs; threads overlap them)
 
 
-class ReportRefused(Exception):
-    """The relay refused the report for good (5xx, or too big for it): retrying
-    cannot help, a human must (`mailbridge reports list`)."""
+@dataclass(frozen=True, slots=True)
+class Letter:
+    """A rendered report, ready for a sink."""
+
+    job: ReportJob
+    mail: bytes
 
 
 class ReportSink(Protocol):
-    parallel: int  # deliveries the sink takes at once
+    parallel: int  # lanes the sink takes at once
 
-    async def deliver(self, job: ReportJob, mail: bytes, envelope_from: str) -> None:
-        """Deliver one mail or raise."""
+    async def deliver_lane(self, letters: Sequence[Letter], envelope_from: str) -> list[Outcome]:
+        """Deliver `letters` in order; one outcome each (None: delivered)."""
         ...
 
     async def aclose(self) -> None: ...
@@ -96,94 +103,77 @@ class MaildirSink:
         finally:
             os.close(fd)
 
-    async def deliver(self, job: ReportJob, mail: bytes, envelope_from: str) -> None:
-        await asyncio.to_thread(self._write, job, mail)
+    def _write_all(self, letters: Sequence[Letter]) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        for letter in letters:
+            try:
+                self._write(letter.job, letter.mail)
+                outcomes.append(None)
+            except OSError as err:
+                outcomes.append(RelayUnavailable(f"Maildir: {err}"))
+        return outcomes
+
+    async def deliver_lane(self, letters: Sequence[Letter], envelope_from: str) -> list[Outcome]:
+        return await asyncio.to_thread(self._write_all, letters)
 
     async def aclose(self) -> None:
         return None
 
 
 class SmtpRelaySink:
-    """Sends through an SMTP relay with aiosmtplib: a pool of `connections`
-    reused connections, opened on demand, one delivery on each at a time."""
+    """Sends through an SMTP relay: a pool of `connections` warm connections
+    (relay.RelayConnection), opened on demand, one lane on each at a time; a
+    lane's reports are pipelined when the relay offers PIPELINING."""
 
     def __init__(self, relay: RelayConfig) -> None:
         self.relay = relay
         self.parallel = relay.connections
-        # Idle slots: a connected client, or None for a slot not connected yet.
-        # LIFO: the connection just used is reused first; others open on demand.
-        self._idle: asyncio.LifoQueue[aiosmtplib.SMTP | None] = asyncio.LifoQueue()
+        # Idle slots: a connection, or None for a slot not connected yet. LIFO:
+        # the connection just used is reused first; others open on demand.
+        self._idle: asyncio.LifoQueue[RelayConnection | None] = asyncio.LifoQueue()
         for _ in range(relay.connections):
             self._idle.put_nowait(None)
-        self._open: set[aiosmtplib.SMTP] = set()
+        self._open: set[RelayConnection] = set()
 
-    async def _connect(self) -> aiosmtplib.SMTP:
-        r = self.relay
-        smtp = aiosmtplib.SMTP(
-            hostname=r.host,
-            port=r.port,
-            use_tls=r.tls,
-            start_tls=r.starttls if not r.tls else False,
-            timeout=r.timeout_s,
-            username=r.username,
-            password=r.password,
-        )
-        await smtp.connect()
-        return smtp
+    async def _connect(self) -> RelayConnection:
+        conn = await RelayConnection.open(self.relay)
+        self._open.add(conn)
+        return conn
 
-    async def deliver(self, job: ReportJob, mail: bytes, envelope_from: str) -> None:
-        smtp = await self._idle.get()
+    async def deliver_lane(self, letters: Sequence[Letter], envelope_from: str) -> list[Outcome]:
+        outgoing = [Outgoing(envelope_from, letter.job.to_addr, letter.mail) for letter in letters]
+        conn = await self._idle.get()
         try:
-            for attempt in (1, 2):
-                if smtp is None or not smtp.is_connected:
-                    self._forget(smtp)
-                    smtp = None
-                    smtp = await self._connect()
-                    self._open.add(smtp)
-                try:
-                    if smtp.is_ehlo_or_helo_needed:
-                        await smtp.ehlo()  # its extensions say whether SIZE is advertised
-                    _check_size(smtp, mail)
-                    await smtp.sendmail(envelope_from, [job.to_addr], mail)
-                    return
-                except aiosmtplib.SMTPResponseException as err:
-                    if err.code >= 500:
-                        raise ReportRefused(f"{err.code} {err.message}") from err
-                    raise
-                except aiosmtplib.SMTPServerDisconnected:
-                    # The relay closed an idle reused connection: reconnect once.
-                    self._forget(smtp)
-                    smtp = None
-                    if attempt == 2:
-                        raise
+            if conn is not None and conn.usable:
+                before = conn.answered
+                outcomes = await conn.send(outgoing)
+                if conn.answered > before or conn.usable:
+                    return outcomes
+                # The relay closed the warm connection as we wrote (not one reply):
+                # nothing of this lane reached it; once more on a new connection.
+            self._forget(conn)
+            conn = None
+            try:
+                conn = await self._connect()
+            except (OSError, TimeoutError, aiosmtplib.SMTPException, RelayUnavailable) as err:
+                failed = RelayUnavailable(f"cannot connect to the relay: {err}")
+                return [failed] * len(letters)
+            return await conn.send(outgoing)
         finally:
-            if smtp is not None and not smtp.is_connected:
-                self._forget(smtp)
-                smtp = None
-            self._idle.put_nowait(smtp)  # the slot goes back, connected or not
+            if conn is not None and not conn.usable:
+                self._forget(conn)
+                conn = None
+            self._idle.put_nowait(conn)  # the slot goes back, connected or not
 
-    def _forget(self, smtp: aiosmtplib.SMTP | None) -> None:
-        if smtp is not None:
-            self._open.discard(smtp)
+    def _forget(self, conn: RelayConnection | None) -> None:
+        if conn is not None:
+            conn.close()
+            self._open.discard(conn)
 
     async def aclose(self) -> None:
-        for smtp in list(self._open):
-            if smtp.is_connected:
-                try:
-                    await smtp.quit()
-                except aiosmtplib.SMTPException:
-                    smtp.close()
+        for conn in list(self._open):
+            await conn.quit()
         self._open.clear()
-
-
-def _check_size(smtp: aiosmtplib.SMTP, mail: bytes) -> None:
-    """RFC 1870: a relay that advertises SIZE refuses larger mail; know it before
-    sending 14 MB (a Not of a 100 000-line request)."""
-    limit = smtp.esmtp_extensions.get("size", "")
-    # On the wire every line ends in CRLF: that is the size the relay counts.
-    size = len(mail) + mail.count(b"\n") - mail.count(b"\r\n")
-    if limit.isdigit() and int(limit) > 0 and size > int(limit):
-        raise ReportRefused(f"{size} bytes, over the relay's SIZE limit of {limit}")
 
 
 def make_sink(config: ReportsConfig, instance_id: str) -> ReportSink:
@@ -191,6 +181,15 @@ def make_sink(config: ReportsConfig, instance_id: str) -> ReportSink:
         return MaildirSink(config.maildir, instance_id)
     assert config.smtp is not None  # config validation guarantees one of the two
     return SmtpRelaySink(config.smtp)
+
+
+def lanes_of(groups: Sequence[list[Letter]], n: int) -> list[list[Letter]]:
+    """Spread the requests' reports over at most `n` lanes, each request's
+    reports together and in order (an Ack before its Not)."""
+    lanes: list[list[Letter]] = [[] for _ in range(max(1, min(n, len(groups))))]
+    for k, group in enumerate(groups):
+        lanes[k % len(lanes)].extend(group)
+    return lanes
 
 
 class Mailer:
@@ -224,6 +223,10 @@ class Mailer:
         `data`: the request's report data when the caller has read it already."""
         if data is None:
             data = await self.store.report_data(job.request_id)
+        letter = await self._letter(job, data)
+        return await self._deliver_lane([letter], {job.request_id: data}) == 1
+
+    async def _letter(self, job: ReportJob, data: ReportData) -> Letter:
         rendered = await self._render(job, data)
         mail = compose_mail(
             job,
@@ -232,30 +235,42 @@ class Mailer:
             from_address=self.config.from_address,
             instance_id=self.store.instance_id,
         )
-        try:
-            await self.sink.deliver(job, mail, self.config.envelope_from)
-        except ReportRefused as err:
+        return Letter(job, mail)
+
+    async def _deliver_lane(self, lane: list[Letter], data: dict[int, ReportData]) -> int:
+        """Deliver one lane; mark what was sent in one store call; return how many."""
+        outcomes = await self.sink.deliver_lane(lane, self.config.envelope_from)
+        pairs = list(zip(lane, outcomes, strict=True))
+        sent = [letter.job for letter, outcome in pairs if outcome is None]
+        if sent:
+            await self.store.reports_sent([job.id for job in sent], self.clock.time())
+            if log.isEnabledFor(logging.INFO):
+                for job in sent:
+                    email_id = data[job.request_id].email_id
+                    log.info(
+                        "%s: %s report delivered to %s", request_tag(job.request_id, email_id),
+                        job.kind, job.to_addr, extra=request_fields(job.request_id, email_id),
+                    )  # fmt: skip
+        for letter, outcome in pairs:
+            if outcome is not None:
+                await self._not_delivered(letter.job, data[letter.job.request_id], outcome)
+        return len(sent)
+
+    async def _not_delivered(self, job: ReportJob, data: ReportData, err: Exception) -> None:
+        if isinstance(err, ReportRefused):
             await self._give_up(job, data, f"refused: {err}")
-            return False
-        except (TimeoutError, OSError, aiosmtplib.SMTPException) as err:
-            now = self.clock.time()
-            if now - job.created_at >= self.config.max_age_s:
-                await self._give_up(job, data, f"still failing after reports.max_age_s: {err}")
-                return False
-            delay = self._backoff(job.attempts)
-            log.warning(
-                "%s: %s report to %s not delivered (%s); retry in %.0fs",
-                request_tag(job.request_id, data.email_id), job.kind, job.to_addr, err, delay,
-                extra=request_fields(job.request_id, data.email_id),
-            )  # fmt: skip
-            await self.store.report_failed(job.id, now + delay, str(err)[:500])
-            return False
-        await self.store.report_sent(job.id, self.clock.time())
-        log.info(
-            "%s: %s report delivered to %s", request_tag(job.request_id, data.email_id),
-            job.kind, job.to_addr, extra=request_fields(job.request_id, data.email_id),
+            return
+        now = self.clock.time()
+        if now - job.created_at >= self.config.max_age_s:
+            await self._give_up(job, data, f"still failing after reports.max_age_s: {err}")
+            return
+        delay = self._backoff(job.attempts)
+        log.warning(
+            "%s: %s report to %s not delivered (%s); retry in %.0fs",
+            request_tag(job.request_id, data.email_id), job.kind, job.to_addr, err, delay,
+            extra=request_fields(job.request_id, data.email_id),
         )  # fmt: skip
-        return True
+        await self.store.report_failed(job.id, now + delay, str(err)[:500])
 
     async def _give_up(self, job: ReportJob, data: ReportData, why: str) -> None:
         log.error(
@@ -277,34 +292,46 @@ class Mailer:
             return self.renderer.render("reply", data, reply=ReplyContent(*reply))
         return self.renderer.render(job.kind, data)
 
+    async def _letters(
+        self, jobs: list[ReportJob], data: dict[int, ReportData]
+    ) -> list[list[Letter]]:
+        """The claimed reports rendered, grouped by request in id order. One that
+        cannot be rendered is left out: its claim lapses after lease_s and it is
+        tried again."""
+        groups: dict[int, list[Letter]] = {}
+        for job in jobs:  # claim_reports returns them in id order
+            try:
+                request = data.get(job.request_id)
+                if request is None:
+                    raise LookupError(f"request {job.request_id} not found")
+                letter = await self._letter(job, request)
+            except StoreUnavailable:
+                raise
+            except Exception as err:
+                log.error("reports: report %d cannot be rendered: %r", job.id, err)
+                continue
+            groups.setdefault(job.request_id, []).append(letter)
+        return list(groups.values())
+
     async def run_once(self) -> int:
         """Deliver every report due now; return how many were delivered.
 
-        Reports of different requests go out concurrently (up to the sink's
-        `parallel`); the reports of one request go in order, so an Ack is
-        never overtaken by its Not. Their `sent` marks share commits.
+        The reports of a claim go out on up to the sink's `parallel` lanes (relay
+        connections) at once; the reports of one request share a lane, in order,
+        so an Ack is never overtaken by its Not. Each lane's `sent` marks are one
+        store call.
         """
         delivered = 0
-        slots = asyncio.Semaphore(max(1, self.sink.parallel))
-
-        async def deliver_in_order(jobs: list[ReportJob], data: ReportData | None) -> int:
-            async with slots:
-                done = 0
-                for job in jobs:
-                    done += await self.deliver(job, data)
-                return done
-
         while True:
             jobs = await self.store.claim_reports(self.clock.time(), CLAIM_BATCH, self.lease_s)
             if not jobs:
                 return delivered
-            by_request: dict[int, list[ReportJob]] = defaultdict(list)
-            for job in jobs:  # claim_reports returns them in id order
-                by_request[job.request_id].append(job)
             # One read for the whole claim, not one per report.
-            data = await self.store.report_data_many(list(by_request))
+            request_ids = list(dict.fromkeys(job.request_id for job in jobs))
+            data = await self.store.report_data_many(request_ids)
+            groups = await self._letters(jobs, data)
             outcomes = await asyncio.gather(
-                *(deliver_in_order(j, data.get(r)) for r, j in by_request.items()),
+                *(self._deliver_lane(lane, data) for lane in lanes_of(groups, self.sink.parallel)),
                 return_exceptions=True,
             )
             for outcome in outcomes:

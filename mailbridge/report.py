@@ -10,13 +10,14 @@ recognise a report delivered twice.
 
 from __future__ import annotations
 
+import math
 import re
 import sys
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from email.header import Header
-from email.utils import format_datetime
 from pathlib import Path
 from typing import NamedTuple
 from zoneinfo import ZoneInfo
@@ -97,6 +98,36 @@ class Rendered:
     headers: tuple[tuple[str, str], ...] = ()
 
 
+class Skeleton:
+    """A template's output with holes where values go: rendered once with a
+    marker in place of each value, then filled by joining bytes. Exact for
+    values the template writes through `| x` (markers hold no & < >)."""
+
+    def __init__(self, text: str, markers: Mapping[str, str]) -> None:
+        names = {marker: name for name, marker in markers.items()}
+        pattern = re.compile("|".join(re.escape(m) for m in markers.values()))
+        self.literals: list[bytes] = []
+        self.holes: list[str] = []
+        pos = 0
+        for found in pattern.finditer(text):
+            self.literals.append(_latin1(text[pos : found.start()]))
+            self.holes.append(names[found.group()])
+            pos = found.end()
+        self.literals.append(_latin1(text[pos:]))
+
+    def fill(self, values: Mapping[str, str]) -> bytes:
+        """The output with each hole given its value, XML-escaped (SPEC section 8)."""
+        out = [self.literals[0]]
+        for hole, literal in zip(self.holes, self.literals[1:], strict=True):
+            out.append(_latin1(xml_text(values[hole])))
+            out.append(literal)
+        return b"".join(out)
+
+
+# Stand-ins for values while a skeleton renders (no & < >, nothing a value holds).
+_MARKERS = {"email_id": "\x00email_id\x00", "tel": "\x00tel\x00"}
+
+
 def paris_time(timestamp: float) -> str:
     """`YYYY-MM-DD HH:MM:SS` in Europe/Paris, as etatDlr writes dates."""
     return datetime.fromtimestamp(timestamp, PARIS).strftime("%Y-%m-%d %H:%M:%S")
@@ -121,14 +152,36 @@ class ReportRenderer:
         self._dlr = self._env.get_template("dlr.xml.j2")
         self._plain_dlr = self._env.get_template("plain_dlr.txt.j2")
         self._reply = self._env.get_template("reply.txt.j2")
+        # The Ack of each code and the one-row Not of each (form, code), rendered
+        # once: most reports are these, and jinja2's per-render cost is most of theirs.
+        self._ack_skeletons: dict[int, Skeleton] = {}
+        self._not_skeletons: dict[tuple[bool, int], Skeleton] = {}
 
     def ack_body(self, email_id: str | None, code: int) -> bytes:
         """The etatAck document; `?` stands for a missing emailId."""
-        text = self._ack.render(email_id=email_id or "?", code=code, message=ack_message(code))
-        return _latin1(text)
+        skeleton = self._ack_skeletons.get(code)
+        if skeleton is None:
+            text = self._ack.render(
+                email_id=_MARKERS["email_id"], code=code, message=ack_message(code)
+            )
+            skeleton = self._ack_skeletons[code] = Skeleton(text, _MARKERS)
+        return skeleton.fill({"email_id": email_id or "?"})
 
     def not_body(self, data: ReportData) -> bytes:
         """The etatNot document, single or numbered form."""
+        if len(data.rows) == 1:
+            ((tel, code),) = data.rows
+            skeleton = self._not_skeletons.get((data.numbered, code))
+            if skeleton is None:
+                row = NotRow(1, _MARKERS["tel"], code, not_message(code))
+                text = self._not.render(
+                    email_id=_MARKERS["email_id"], numbered=data.numbered, rows=[row]
+                )
+                skeleton = self._not_skeletons[(data.numbered, code)] = Skeleton(text, _MARKERS)
+            return skeleton.fill({"email_id": data.email_id or "?", "tel": tel})
+        return self._not_body(data)
+
+    def _not_body(self, data: ReportData) -> bytes:
 
         def rows() -> Iterator[NotRow]:
             for n, (tel, code) in enumerate(data.rows, start=1):
@@ -204,10 +257,29 @@ def _latin1(text: str) -> bytes:
 
 
 def _header(value: str) -> str:
+    if value.isascii() and value.isprintable():  # the usual case: nothing to replace
+        return value.strip()
     value = _CONTROL.sub(" ", value).strip()
     if value.isascii():
         return value
     return Header(value, "utf-8").encode()
+
+
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def rfc5322_date(timestamp: float) -> str:
+    """`Mon, 24 Nov 2026 12:00:00 +0000`: email.utils.format_datetime of the UTC
+    time, without building a datetime (rounded to the microsecond as it does)."""
+    frac, whole = math.modf(timestamp)
+    if round(frac * 1e6) >= 1_000_000:
+        whole += 1
+    t = time.gmtime(whole)
+    return (
+        f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year:04d}"
+        f" {t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} +0000"
+    )
 
 
 def report_message_id(job: ReportJob, instance_id: str, from_address: str) -> str:
@@ -229,7 +301,7 @@ def compose_mail(
         ("From", from_address),
         ("To", job.to_addr),
         ("Subject", rendered.subject),
-        ("Date", format_datetime(datetime.fromtimestamp(job.created_at, UTC))),
+        ("Date", rfc5322_date(job.created_at)),
         ("Message-ID", report_message_id(job, instance_id, from_address)),
         ("Auto-Submitted", "auto-replied"),
         ("MIME-Version", "1.0"),

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from email import message_from_bytes, policy
+from email.utils import format_datetime
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from mailbridge.codes import NOT_MESSAGES
+from mailbridge.codes import ACK_MESSAGES, NOT_MESSAGES, ack_message
 from mailbridge.model import ReportData, ReportJob
-from mailbridge.report import ReplyContent, ReportRenderer, compose_mail
+from mailbridge.report import ReplyContent, ReportRenderer, compose_mail, rfc5322_date
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -193,3 +197,53 @@ def test_reply_mail(renderer: ReportRenderer) -> None:
     )
     plain = renderer.render("reply", data, reply=reply._replace(text="Merci", stop=False))
     assert (plain.body, plain.headers) == (b"Merci\n", ())
+
+
+# -- the rendered-once skeletons give what jinja2 gives --------------------------------
+
+_VALUES = st.text(
+    alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=30
+) | st.sampled_from(["", "&", "<>", "a&b<c>", "\x00email_id\x00", "Заказ", "é"])
+
+
+_RENDERER = ReportRenderer()  # one for every example: its skeleton caches fill up as they go
+
+
+def _jinja_ack(renderer: ReportRenderer, email_id: str | None, code: int) -> bytes:
+    template = renderer._env.get_template("ack.xml.j2")
+    text = template.render(email_id=email_id or "?", code=code, message=ack_message(code))
+    return text.encode("iso-8859-1", errors="xmlcharrefreplace")
+
+
+def _jinja_not(renderer: ReportRenderer, data: ReportData) -> bytes:
+    return renderer._not_body(data)  # the jinja2 path, for any number of rows
+
+
+@given(email_id=_VALUES | st.none(), code=st.sampled_from(sorted(ACK_MESSAGES)))
+@settings(max_examples=100, deadline=None)
+def test_ack_skeleton_is_the_template(email_id: str | None, code: int) -> None:
+    renderer = _RENDERER
+    assert renderer.ack_body(email_id, code) == _jinja_ack(renderer, email_id, code)
+
+
+@given(
+    email_id=_VALUES | st.none(),
+    tel=_VALUES,
+    code=st.sampled_from(sorted(NOT_MESSAGES)),
+    numbered=st.booleans(),
+)
+@settings(max_examples=100, deadline=None)
+def test_one_row_not_skeleton_is_the_template(
+    email_id: str | None, tel: str, code: int, numbered: bool
+) -> None:
+    renderer = _RENDERER
+    data = ReportData(
+        email_id=email_id, ack_code=0, numbered=numbered, rows=[(tel, code)], in_reply_to=None
+    )
+    assert renderer.not_body(data) == _jinja_not(renderer, data)
+    assert renderer.not_body(data) == renderer.not_body(data)  # from the cache too
+
+
+@given(st.floats(min_value=0, max_value=4_102_444_800, allow_nan=False))
+def test_report_date_is_format_datetime(timestamp: float) -> None:
+    assert rfc5322_date(timestamp) == format_datetime(datetime.fromtimestamp(timestamp, UTC))

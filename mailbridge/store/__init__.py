@@ -153,6 +153,10 @@ class Store(Protocol):
 
     async def report_sent(self, report_id: int, now: float) -> None: ...
 
+    async def reports_sent(self, report_ids: Sequence[int], now: float) -> None:
+        """report_sent of several reports in one transaction."""
+        ...
+
     async def report_failed(self, report_id: int, due_at: float, error: str) -> None:
         """A temporary failure: pending again at `due_at`."""
         ...

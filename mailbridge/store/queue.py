@@ -388,6 +388,8 @@ def quarantine(tx: Tx, request_id: int, error: str, owner: str) -> None:
 
 # -- reports -------------------------------------------------------------------------------
 
+IDS_PER_STATEMENT = 500  # ids in one IN (...): far under SQLite's and PostgreSQL's limits
+
 
 def claim_reports(tx: Tx, now: float, limit: int, lease_s: float, owner: str) -> list[ReportJob]:
     d = tx.dialect
@@ -437,12 +439,33 @@ def report_data(tx: Tx, request_id: int) -> ReportData:
 
 
 def report_data_many(tx: Tx, request_ids: Sequence[int]) -> dict[int, ReportData]:
+    """report_data of several requests: two statements per chunk of ids, not
+    two per request; a request not found is left out."""
     found: dict[int, ReportData] = {}
-    for request_id in set(request_ids):
-        try:
-            found[request_id] = report_data(tx, request_id)
-        except LookupError:  # left out, not fatal to the rest
-            continue
+    unique = list(dict.fromkeys(request_ids))
+    for start in range(0, len(unique), IDS_PER_STATEMENT):
+        chunk = unique[start : start + IDS_PER_STATEMENT]
+        marks = ",".join("?" * len(chunk))
+        rows: dict[int, list[tuple[str, int]]] = {i: [] for i in chunk}
+        for request_id, tel, code in tx.all(
+            "SELECT request_id, tel, coalesce(code, 999) FROM recipients"
+            f" WHERE request_id IN ({marks}) ORDER BY request_id, idx",
+            tuple(chunk),
+        ):
+            rows[request_id].append((tel, code))
+        for request_id, email_id, ack_code, numbered, message_id, plain in tx.all(
+            "SELECT id, email_id, ack_code, numbered, message_id, plain_reports FROM requests"
+            f" WHERE id IN ({marks})",
+            tuple(chunk),
+        ):
+            found[request_id] = ReportData(
+                email_id=email_id,
+                ack_code=ack_code,
+                numbered=bool(numbered),
+                rows=rows[request_id],
+                in_reply_to=message_id,
+                plain_reports=plain,
+            )
     return found
 
 
@@ -454,6 +477,18 @@ def report_sent(tx: Tx, report_id: int, now: float) -> None:
         " attempts = attempts + 1 WHERE id = ?",
         (now, report_id),
     )
+
+
+def reports_sent(tx: Tx, report_ids: Sequence[int], now: float) -> None:
+    """report_sent of several reports in one statement."""
+    for start in range(0, len(report_ids), IDS_PER_STATEMENT):
+        chunk = report_ids[start : start + IDS_PER_STATEMENT]
+        tx.execute(
+            "UPDATE reports SET state = 'sent', sent_at = ?, claimed_until = NULL,"
+            " claimed_by = NULL, attempts = attempts + 1"
+            f" WHERE id IN ({','.join('?' * len(chunk))})",
+            (now, *chunk),
+        )
 
 
 def report_failed(tx: Tx, report_id: int, due_at: float, error: str, owner: str) -> None:

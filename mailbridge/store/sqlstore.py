@@ -187,6 +187,9 @@ class SqlStore:
     async def report_sent(self, report_id: int, now: float) -> None:
         await self._write(lambda tx: q.report_sent(tx, report_id, now))
 
+    async def reports_sent(self, report_ids: Sequence[int], now: float) -> None:
+        await self._write(lambda tx: q.reports_sent(tx, report_ids, now))
+
     async def report_failed(self, report_id: int, due_at: float, error: str) -> None:
         await self._write(lambda tx: q.report_failed(tx, report_id, due_at, error, self.owner))
 
