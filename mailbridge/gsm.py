@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import unicodedata
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from functools import lru_cache
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import gsm0338  # noqa: F401  (importing it registers the "gsm03.38" codec)
 
@@ -29,8 +28,7 @@ _ESC = "\x1b"
 _LIMITS: dict[Encoding, tuple[int, int]] = {"gsm7": (160, 153), "ucs2": (70, 67)}
 
 
-@dataclass(frozen=True)
-class Segmentation:
+class Segmentation(NamedTuple):
     """How a text is sent: its encoding, its length in units and its number of SMS parts."""
 
     encoding: Encoding
