@@ -113,10 +113,13 @@ def iter_mobiles(data: bytes) -> Iterator[MobileLine]:
     for line in _lines(decode_text(data)):
         if not line.replace(";", "").strip():  # only white space and separators
             continue
-        cells = _split_line(line)
+        if ";;" in line and '"' not in line:  # the usual line: no quotes to undo
+            cells = [part.strip() for part in line.split(";;")]
+        else:
+            cells = _split_line(line)
         if not any(cells):
             continue
-        yield MobileLine(tel=cells[0], fields=tuple(cells[1:]))
+        yield MobileLine(cells[0], tuple(cells[1:]))
 
 
 def read_message(data: bytes) -> str:
@@ -148,6 +151,14 @@ def filler(template: str) -> Callable[[Sequence[str]], str]:
     literals = pieces[0::2]
     # A placeholder beyond 9 digits can never name a field (as personalise reads it).
     indexes = [int(d) - 1 if len(d) <= 9 else -1 for d in pieces[1::2]]
+    if len(indexes) == 1:  # the usual template: "Bonjour [1], ..."
+        (index,), (before, after) = indexes, literals
+        empty = before + after
+
+        def fill_one(fields: Sequence[str]) -> str:
+            return before + fields[index] + after if 0 <= index < len(fields) else empty
+
+        return fill_one
 
     def fill(fields: Sequence[str]) -> str:
         count = len(fields)

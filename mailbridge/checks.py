@@ -153,8 +153,8 @@ class _TextMaker:
             return hit
         # NFC: Apple Mail sends "é" as "e" + a combining accent, which is not
         # GSM-7; composed, the same text is GSM-7 and costs half as much.
-        body = unicodedata.normalize("NFC", raw)
-        if self.line_break is not None:
+        body = raw if raw.isascii() else unicodedata.normalize("NFC", raw)
+        if self.line_break is not None and self.line_break in body:
             body = body.replace(self.line_break, "\n")
         if self.account.transliterate:
             body = gsm.transliterate(body)
