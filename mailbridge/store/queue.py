@@ -108,11 +108,9 @@ def add_request(tx: Tx, req: NewRequest) -> Admission:
         tx.executemany(
             "INSERT INTO recipients (request_id, idx, tel, number, text, encoding, parts,"
             " max_parts, code, done_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            # A RecipientDraft is (tel, number, text, encoding, parts, max_parts, code).
             (
-                (
-                    request_id, i, r.tel, r.number, r.text, r.encoding, r.parts, r.max_parts,
-                    r.code, None if r.code is None else req.received_at,
-                )
+                (request_id, i, *r, None if r.code is None else req.received_at)
                 for i, r in enumerate(req.recipients, start=1)
             ),
         )  # fmt: skip
