@@ -505,6 +505,8 @@ class Dispatcher:
         """Take credit for the chunk; recipients beyond their account's credit get 12."""
         ok: list[_Item] = []
         refused: list[RecipientResult] = []
+        if all(self.accounts[k].credit is None for k in {i.claimed.account for i in chunk}):
+            return list(chunk), refused  # no credit to take (the usual account)
         by_account: dict[str, list[_Item]] = defaultdict(list)
         for item in chunk:
             by_account[item.claimed.account].append(item)
