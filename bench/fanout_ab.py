@@ -53,6 +53,8 @@ class Figures:
     csv_provider_us: list[float] = field(default_factory=list)  # per recipient
     csv_not_us: list[float] = field(default_factory=list)
     csv_rss_mb: list[float] = field(default_factory=list)
+    csv_intake_us: list[float] = field(default_factory=list)  # to the Not, intake process
+    csv_worker_us: list[float] = field(default_factory=list)  # to the Not, worker process
 
 
 def checkout_of(python: str) -> Path:
@@ -122,6 +124,17 @@ def start_daemon(side: Side, tmp: Path, provider_port: int, sink_port: int) -> b
     return proc
 
 
+def cpu_by_process(daemon: bench.Proc) -> tuple[float, float]:
+    """CPU seconds of the intake process (the daemon itself) and of its children (the worker)."""
+    total, intake = daemon.cpu_s(), 0.0
+    try:
+        fields = Path(f"/proc/{daemon.p.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        intake = (int(fields[11]) + int(fields[12])) / bench.CLK_TCK
+    except OSError:
+        pass
+    return intake, total - intake
+
+
 def send_one(
     daemon: bench.Proc,
     provider: bench.Proc,
@@ -148,7 +161,9 @@ def five_hundred(personal: bool) -> tuple[bytes, str]:
     numbers = [f"06{10_000_000 + i:08d}" for i in range(500)]
     fields = {f"num{i + 1}": num for i, num in enumerate(numbers)}
     if personal:
-        fields |= {f"sms{i + 1}": f"Bonjour client {i}, votre code est {1000 + i}" for i in range(500)}
+        fields |= {
+            f"sms{i + 1}": f"Bonjour client {i}, votre code est {1000 + i}" for i in range(500)
+        }
     else:
         fields["sms"] = "Promo -10% ce week-end"
     email_id = secrets.token_hex(6)
@@ -191,7 +206,11 @@ def measure(
                 figures.requests_500.append(requests)
             out.append(statistics.mean(cpus) * 1000)
         mail, email_id = csv_mail(args.lines)
+        intake0, worker0 = cpu_by_process(daemon)
         to_provider, to_not, _ = send_one(daemon, provider, sink[1], mail, email_id, args.lines)
+        intake1, worker1 = cpu_by_process(daemon)
+        figures.csv_intake_us.append((intake1 - intake0) / args.lines * 1e6)
+        figures.csv_worker_us.append((worker1 - worker0) / args.lines * 1e6)
         figures.csv_provider_us.append(to_provider / args.lines * 1e6)
         figures.csv_not_us.append(to_not / args.lines * 1e6)
         figures.csv_rss_mb.append(daemon.peak_rss_mb())
@@ -205,15 +224,18 @@ def table(sides: list[Side], results: dict[str, Figures], lines: int, repeat: in
 
     rows = [
         "| side | 500 numbers, one text: CPU | 500 personal texts: CPU | provider requests"
-        f" (500) | {lines}-line CSV: CPU per recipient to provider | … to its Not | peak RSS |",
-        "|---|---|---|---|---|---|---|",
+        f" (500) | {lines}-line CSV: CPU per recipient to provider | … to its Not"
+        " | … of which intake / worker | peak RSS |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for side in sides:
         f = results[side.label]
         rows.append(
             f"| {side.label} | {cell(f.one_text_ms, 'ms')} | {cell(f.personal_ms, 'ms')}"
             f" | {max(f.requests_500)} | {cell(f.csv_provider_us, 'µs')}"
-            f" | {cell(f.csv_not_us, 'µs')} | {cell(f.csv_rss_mb, 'MB')} |"
+            f" | {cell(f.csv_not_us, 'µs')}"
+            f" | {cell(f.csv_intake_us, 'µs')} / {cell(f.csv_worker_us, 'µs')}"
+            f" | {cell(f.csv_rss_mb, 'MB')} |"
         )
     old, new = results[sides[0].label], results[sides[-1].label]
     ratio = statistics.mean(new.csv_provider_us) / statistics.mean(old.csv_provider_us)
