@@ -18,8 +18,8 @@ from __future__ import annotations
 import codecs
 import csv
 import re
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
 
 _LINE_END_RE = re.compile(r"\r\n|\r|\n")
 _PLACEHOLDER_RE = re.compile(r"\[([1-9][0-9]*)\]")
@@ -29,9 +29,8 @@ class AttachmentError(Exception):
     """The attachment is not readable text (e.g. a binary file under a .csv name)."""
 
 
-@dataclass(frozen=True)
-class MobileLine:
-    """One recipient line of `mobiles.csv`."""
+class MobileLine(NamedTuple):
+    """One recipient line of `mobiles.csv` (a NamedTuple: one per line of 100 000)."""
 
     tel: str  # as written, trimmed; spaces, dots and dashes kept
     fields: tuple[str, ...]  # dynamic data [1], [2], ... (trimmed)
@@ -70,12 +69,19 @@ def decode_text(data: bytes) -> str:
 
 def _lines(text: str) -> Iterator[str]:
     """Lines split on CRLF, LF or CR only (not on the other Unicode breaks)."""
-    pos = 0
-    for match in _LINE_END_RE.finditer(text):
-        yield text[pos : match.start()]
-        pos = match.end()
-    if pos < len(text):
-        yield text[pos:]
+    if "\r" in text:
+        pos = 0
+        for match in _LINE_END_RE.finditer(text):
+            yield text[pos : match.start()]
+            pos = match.end()
+        if pos < len(text):
+            yield text[pos:]
+        return
+    # LF only (the usual case): one C-level split, the same lines.
+    lines = text.split("\n")
+    if not lines[-1]:
+        lines.pop()
+    yield from lines
 
 
 def _unquote(value: str) -> str:
@@ -107,10 +113,13 @@ def iter_mobiles(data: bytes) -> Iterator[MobileLine]:
     for line in _lines(decode_text(data)):
         if not line.replace(";", "").strip():  # only white space and separators
             continue
-        cells = _split_line(line)
+        if ";;" in line and '"' not in line:  # the usual line: no quotes to undo
+            cells = [part.strip() for part in line.split(";;")]
+        else:
+            cells = _split_line(line)
         if not any(cells):
             continue
-        yield MobileLine(tel=cells[0], fields=tuple(cells[1:]))
+        yield MobileLine(cells[0], tuple(cells[1:]))
 
 
 def read_message(data: bytes) -> str:
@@ -130,10 +139,33 @@ def personalise(template: str, fields: Sequence[str]) -> str:
     One pass: text coming from a field is never substituted again. `[0]`,
     `[x]` or `[01]` are not placeholders and stay as written.
     """
+    return filler(template)(fields)
 
-    def field_for(match: re.Match[str]) -> str:
-        digits = match.group(1)
-        index = int(digits) - 1 if len(digits) <= 9 else len(fields)
-        return fields[index] if index < len(fields) else ""
 
-    return _PLACEHOLDER_RE.sub(field_for, template)
+def filler(template: str) -> Callable[[Sequence[str]], str]:
+    """`personalise` with the template read once: the function that fills it."""
+    # re.split with one group: literal, digits, literal, digits, ..., literal.
+    pieces = _PLACEHOLDER_RE.split(template)
+    if len(pieces) == 1:
+        return lambda fields: template
+    literals = pieces[0::2]
+    # A placeholder beyond 9 digits can never name a field (as personalise reads it).
+    indexes = [int(d) - 1 if len(d) <= 9 else -1 for d in pieces[1::2]]
+    if len(indexes) == 1:  # the usual template: "Bonjour [1], ..."
+        (index,), (before, after) = indexes, literals
+        empty = before + after
+
+        def fill_one(fields: Sequence[str]) -> str:
+            return before + fields[index] + after if 0 <= index < len(fields) else empty
+
+        return fill_one
+
+    def fill(fields: Sequence[str]) -> str:
+        count = len(fields)
+        out = [literals[0]]
+        for index, literal in zip(indexes, literals[1:], strict=True):
+            out.append(fields[index] if 0 <= index < count else "")
+            out.append(literal)
+        return "".join(out)
+
+    return fill

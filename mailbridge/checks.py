@@ -17,9 +17,10 @@ import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import NamedTuple
 
 from mailbridge import gsm
-from mailbridge.attachments import AttachmentError, iter_mobiles, personalise, read_message
+from mailbridge.attachments import AttachmentError, filler, iter_mobiles, read_message
 from mailbridge.codes import Ack, Code
 from mailbridge.config import SENDER_ID_RE, AccountConfig
 from mailbridge.envoi import Envoi
@@ -54,8 +55,7 @@ class CheckedRequest:
     notes: list[str] = field(default_factory=list)  # why, for the log line
 
 
-@dataclass(frozen=True)
-class _Target:
+class _Target(NamedTuple):
     tel: str
     text: str | None  # None: no message for this recipient
 
@@ -99,8 +99,9 @@ def _csv_targets(envoi: Envoi, attachments: dict[str, bytes]) -> Iterator[_Targe
         if sms is None:
             raise _FormatProblem("mobiles.csv without message.csv or <sms>")
         template = sms
-    for line in iter_mobiles(attachments["mobiles.csv"]):
-        yield _Target(line.tel, personalise(template, line.fields))
+    fill = filler(template)
+    for tel, fields in iter_mobiles(attachments["mobiles.csv"]):
+        yield _Target(tel, fill(fields))
 
 
 def stop_mention(account: AccountConfig) -> str:
@@ -152,8 +153,8 @@ class _TextMaker:
             return hit
         # NFC: Apple Mail sends "é" as "e" + a combining accent, which is not
         # GSM-7; composed, the same text is GSM-7 and costs half as much.
-        body = unicodedata.normalize("NFC", raw)
-        if self.line_break is not None:
+        body = raw if raw.isascii() else unicodedata.normalize("NFC", raw)
+        if self.line_break is not None and self.line_break in body:
             body = body.replace(self.line_break, "\n")
         if self.account.transliterate:
             body = gsm.transliterate(body)

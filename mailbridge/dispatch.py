@@ -344,9 +344,10 @@ class Dispatcher:
         stopped = await self._stop_listed(claims, pending)
         # Half-open providers this page probes -> room left in the probe call.
         probing: dict[str, int] = {}
+        fixed_routes: dict[str, list[str]] = {}  # accounts whose route is one provider
         for rcpt in pending:
             claimed = claims[rcpt.request_id]
-            if (claimed.account, rcpt.number) in stopped:
+            if stopped and (claimed.account, rcpt.number) in stopped:
                 # The number answered STOP to this account since the email came in.
                 final.append(
                     RecipientResult(
@@ -366,10 +367,10 @@ class Dispatcher:
                     )
                 )
                 continue
-            account = self.accounts.get(claimed.account)
-            route = route_for(account, rcpt.number) if account is not None else []
+            route = self._route(claimed.account, rcpt.number, fixed_routes)
             if rcpt.provider_index >= len(route):
-                why = "account no longer configured" if account is None else "no route"
+                configured = claimed.account in self.accounts
+                why = "no route" if configured else "account no longer configured"
                 final.append(
                     RecipientResult(
                         request_id=rcpt.request_id, idx=rcpt.idx, code=Code.ERROR, detail=why
@@ -466,6 +467,19 @@ class Dispatcher:
         if errors:
             raise errors[0]
 
+    def _route(self, keyid: str, number: str, fixed: dict[str, list[str]]) -> list[str]:
+        """route_for, once per account (in `fixed`) when the account names one provider."""
+        route = fixed.get(keyid)
+        if route is not None:
+            return route
+        account = self.accounts.get(keyid)
+        if account is None:
+            return []
+        if account.provider is not None:
+            route = fixed[keyid] = route_for(account, number)
+            return route
+        return route_for(account, number)
+
     def _expires_at(self, claimed: ClaimedRequest) -> float:
         """After this no SMS of the request goes to a provider (dispatch.validity_s)."""
         return claimed.first_due_at + self.config.validity_s
@@ -491,6 +505,8 @@ class Dispatcher:
         """Take credit for the chunk; recipients beyond their account's credit get 12."""
         ok: list[_Item] = []
         refused: list[RecipientResult] = []
+        if all(self.accounts[k].credit is None for k in {i.claimed.account for i in chunk}):
+            return list(chunk), refused  # no credit to take (the usual account)
         by_account: dict[str, list[_Item]] = defaultdict(list)
         for item in chunk:
             by_account[item.claimed.account].append(item)
@@ -534,7 +550,7 @@ class Dispatcher:
                 self._lost |= lost
                 chunk = [i for i in chunk if i.claimed.id in kept]
                 results = [r for r in results if r.request_id in kept]
-            messages = [self._message(item) for item in chunk]
+            messages = self._messages(chunk)
         if chunk:
             started = time.perf_counter()
             try:
@@ -599,12 +615,16 @@ class Dispatcher:
         every PROGRESS_S, else at DEBUG), and a WARNING per request and distinct
         failure with the provider's own words."""
         claims = {i.claimed.id: i.claimed for i in group}
-        accepted = sum(1 for r in results if r.code == 0)
-        failed = [r for r in results if r.code not in (None, 0)]
+        failed = [r for r in results if r.code is not None and r.code != 0]
+        accepted_by: dict[int, int] = defaultdict(int)
         for r in results:
-            progress = self._progress.setdefault(r.request_id, _Progress())
-            progress.accepted += r.code == 0
-            progress.failed += r.code not in (None, 0)
+            if r.code == 0:
+                accepted_by[r.request_id] += 1
+        accepted = sum(accepted_by.values())
+        for rid, n in accepted_by.items():
+            self._progress.setdefault(rid, _Progress()).accepted += n
+        for r in failed:
+            self._progress.setdefault(r.request_id, _Progress()).failed += 1
         now = time.monotonic()
         totals = []
         level = logging.DEBUG
@@ -630,8 +650,9 @@ class Dispatcher:
             f" ({'; '.join(totals)})" if len(totals) == 1 else "", why,
             extra=_fields(claims.values()),
         )  # fmt: skip
-        numbers = {(i.rcpt.request_id, i.rcpt.idx): i.rcpt.number for i in group}
-        self._log_failures(claims, numbers, failed)
+        if failed:
+            numbers = {(i.rcpt.request_id, i.rcpt.idx): i.rcpt.number for i in group}
+            self._log_failures(claims, numbers, failed)
 
     def _log_failures(
         self,
@@ -663,21 +684,34 @@ class Dispatcher:
             progress.calls, extra=_fields([claimed]),
         )  # fmt: skip
 
-    def _message(self, item: _Item) -> SmsMessage:
-        claimed, r = item.claimed, item.rcpt
-        return SmsMessage(
-            key=f"mb{self.store.instance_id}-{claimed.id}{claimed.token}-{r.idx}",
-            to=r.number,
-            sender=claimed.sender,
-            text=r.text,
-            encoding=r.encoding,
-            parts=r.parts,
-            max_parts=r.max_parts,
-            reference=claimed.reference,
-            request_id=claimed.id,
-            in_doubt=r.in_doubt,
-            expires_at=self._expires_at(claimed),
-        )
+    def _messages(self, chunk: Sequence[_Item]) -> list[SmsMessage]:
+        """The chunk's SMS; what a request's messages share is computed once."""
+        shared: dict[int, tuple[str, float]] = {}  # request id -> (key prefix, expiry)
+        messages = []
+        for claimed, r, _ in chunk:
+            found = shared.get(claimed.id)
+            if found is None:
+                prefix = f"mb{self.store.instance_id}-{claimed.id}{claimed.token}-"
+                found = shared[claimed.id] = (prefix, self._expires_at(claimed))
+            # One per recipient: _make, a third of the keyword call's cost.
+            messages.append(
+                SmsMessage._make(
+                    (
+                        found[0] + str(r.idx),  # key
+                        r.number,  # to
+                        claimed.sender,
+                        r.text,
+                        r.encoding,
+                        r.parts,
+                        r.max_parts,
+                        claimed.reference,
+                        claimed.id,  # request_id
+                        bool(r.in_doubt),
+                        found[1],  # expires_at
+                    )
+                )
+            )
+        return messages
 
     async def _submit(self, provider: Provider, messages: list[SmsMessage]) -> list[Outcome]:
         """Call the provider; turn transient whole-batch failures into per-message
@@ -702,17 +736,21 @@ class Dispatcher:
         claimed, rcpt, route = item
         rid, idx = rcpt.request_id, rcpt.idx
         if not outcome.retry:
-            return RecipientResult(
-                request_id=rid,
-                idx=idx,
-                code=outcome.code,
-                provider=name,
-                provider_message_id=outcome.provider_message_id,
-                detail=outcome.detail,
-                due_at=now,
-                provider_index=rcpt.provider_index,
-                attempts=rcpt.attempts + 1,
-                refund_parts=0 if outcome.code == 0 else rcpt.parts,
+            # The path of every accepted SMS: _make, a third of the keyword call's cost.
+            return RecipientResult._make(
+                (
+                    rid,  # request_id
+                    idx,
+                    outcome.code,
+                    name,  # provider
+                    outcome.provider_message_id,
+                    outcome.detail,
+                    now,  # due_at
+                    rcpt.provider_index,
+                    rcpt.attempts + 1,  # attempts
+                    0 if outcome.code == 0 else rcpt.parts,  # refund_parts
+                    False,  # unsent
+                )
             )
         attempts = rcpt.attempts + 1
         settings = self.provider_configs[name]

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import unicodedata
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from functools import lru_cache
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import gsm0338  # noqa: F401  (importing it registers the "gsm03.38" codec)
 
@@ -29,8 +28,7 @@ _ESC = "\x1b"
 _LIMITS: dict[Encoding, tuple[int, int]] = {"gsm7": (160, 153), "ucs2": (70, 67)}
 
 
-@dataclass(frozen=True)
-class Segmentation:
+class Segmentation(NamedTuple):
     """How a text is sent: its encoding, its length in units and its number of SMS parts."""
 
     encoding: Encoding
@@ -91,6 +89,12 @@ def _parts(units: int, costs: Callable[[], Iterable[int]], uniform: bool, enc: E
     return _pack(costs(), cap)[0]
 
 
+@lru_cache(maxsize=2048)
+def _plain_gsm7(units: int) -> Segmentation:
+    """A GSM-7 text of `units` characters that each cost one septet."""
+    return Segmentation("gsm7", units, _parts(units, lambda: (), True, "gsm7"))
+
+
 def segment(text: str) -> Segmentation:
     """Encoding, length in units and number of SMS parts of ``text`` (empty: gsm7, 0, 1)."""
     if not text:
@@ -99,8 +103,10 @@ def segment(text: str) -> Segmentation:
         extension = (
             0 if _ASCII_EXTENSION.isdisjoint(text) else sum(map(text.count, _ASCII_EXTENSION))
         )
+        if not extension:  # the usual text: its length says it all
+            return _plain_gsm7(len(text))
         units = len(text) + extension
-        parts = _parts(units, lambda: map(_gsm_cost, text), extension == 0, "gsm7")
+        parts = _parts(units, lambda: map(_gsm_cost, text), False, "gsm7")
         return Segmentation("gsm7", units, parts)
     costs = list(map(_gsm_cost, text))
     if 0 not in costs:

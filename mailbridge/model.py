@@ -4,12 +4,16 @@ what the mailer reports. No behaviour here."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from mailbridge.providers import Encoding
 
+# The per-recipient records (RecipientDraft, PendingRecipient, RecipientResult) are
+# NamedTuples: immutable like the frozen dataclasses they were, built 3-6x faster,
+# which counts at 100 000 recipients a request. Build them with keywords.
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RecipientDraft:
+
+class RecipientDraft(NamedTuple):
     """One recipient as checked at intake."""
 
     tel: str  # the number exactly as the client wrote it (reported back in the Not)
@@ -72,9 +76,8 @@ class ClaimedRequest:
     first_due_at: float = 0.0
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PendingRecipient:
-    """A recipient still waiting for its code."""
+class PendingRecipient(NamedTuple):
+    """A recipient still waiting for its code (the store's row, in this order)."""
 
     request_id: int
     idx: int
@@ -85,11 +88,10 @@ class PendingRecipient:
     max_parts: int
     provider_index: int  # position in the account's route for this number
     attempts: int  # attempts on the current provider
-    in_doubt: bool  # an earlier submission may have reached a provider
+    in_doubt: int  # nonzero: an earlier submission may have reached a provider
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RecipientResult:
+class RecipientResult(NamedTuple):
     """The dispatcher's decision for one recipient after an attempt."""
 
     request_id: int

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import phonenumbers
 from phonenumbers import NumberParseException, PhoneNumber
@@ -32,8 +32,7 @@ FRENCH_OVERSEAS = ("GP", "MQ", "GF", "RE", "YT", "PM", "BL", "MF")
 FRENCH_REGIONS = frozenset(("FR", *FRENCH_OVERSEAS))
 
 
-@dataclass(frozen=True, slots=True)
-class NumberCheck:
+class NumberCheck(NamedTuple):
     """The verdict on one number: `e164` when usable, else `code`."""
 
     e164: str | None
@@ -51,6 +50,11 @@ def _parse(digits: str, region: str) -> PhoneNumber | None:
 def parse_number(raw: str, default_region: str = "FR") -> NumberCheck:
     """Read a number without account policy: E.164, or code 6, 7 or 21."""
     text = raw.strip()
+    if default_region == "FR":
+        # Written without separators (most numbers): the fast path needs no cleaning.
+        fast = _FR_MOBILE.match(text)
+        if fast:
+            return NumberCheck("+33" + fast.group(1), None, "FR")
     if not text:
         return NumberCheck(None, Code.EMPTY_NUMBER)
     digits = _SEPARATORS.sub("", text)

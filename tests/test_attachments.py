@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import codecs
+import re
+from collections.abc import Sequence
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mailbridge.attachments import (
     AttachmentError,
     MobileLine,
+    _lines,
     decode_text,
+    filler,
     iter_mobiles,
     personalise,
     read_message,
@@ -195,3 +201,36 @@ def test_personalise_repeated_and_large_indexes() -> None:
     assert personalise("[1][1][10]", [str(i) for i in range(1, 11)]) == "1110"
     assert personalise("[99999999999999999999999999]", ["a"]) == ""
     assert personalise("[" + "9" * 5000 + "]", ["a"]) == ""
+
+
+# -- the fast paths against the plain regex readings they replaced -------------------
+
+_PIECES = st.sampled_from(["[1]", "[2]", "[12]", "[0]", "[01]", "[1234567890]", "[", "]", "a", " "])
+
+
+def _personalise_by_regex(template: str, fields: Sequence[str]) -> str:
+    def field_for(match: re.Match[str]) -> str:
+        digits = match.group(1)
+        index = int(digits) - 1 if len(digits) <= 9 else len(fields)
+        return fields[index] if index < len(fields) else ""
+
+    return re.sub(r"\[([1-9][0-9]*)\]", field_for, template)
+
+
+@given(
+    st.lists(_PIECES | st.text(max_size=3), max_size=12).map("".join),
+    st.lists(st.text(max_size=4), max_size=14),
+)
+def test_filler_is_the_regex_substitution(template: str, fields: list[str]) -> None:
+    assert filler(template)(fields) == _personalise_by_regex(template, fields)
+    assert personalise(template, fields) == _personalise_by_regex(template, fields)
+
+
+_LINE_PIECES = st.sampled_from(["\n", "\r", "\r\n", "a", ";", " ", "06"])
+
+
+@given(st.lists(_LINE_PIECES, max_size=20).map("".join))
+def test_lines_split_like_the_line_end_regex(text: str) -> None:
+    pieces = re.split(r"\r\n|\r|\n", text)
+    expected = pieces[:-1] + ([pieces[-1]] if pieces[-1] else [])
+    assert list(_lines(text)) == expected

@@ -18,8 +18,7 @@ themselves and never touch the store.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     import httpx
@@ -30,8 +29,11 @@ if TYPE_CHECKING:
 Encoding = Literal["gsm7", "ucs2"]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SmsMessage:
+# SmsMessage and Outcome are NamedTuples (immutable, and built several times faster
+# than frozen dataclasses: one of each per recipient). Build SmsMessage with keywords.
+
+
+class SmsMessage(NamedTuple):
     """One recipient's SMS, ready for a provider."""
 
     key: str  # stable, unique per recipient, <= 64 chars: the idempotency key
@@ -51,8 +53,7 @@ class SmsMessage:
     expires_at: float | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
+class Outcome(NamedTuple):
     """The provider's verdict on one message."""
 
     key: str

@@ -103,23 +103,19 @@ def _lower(obj: Any) -> dict[str, Any]:
     return {str(k).lower(): v for k, v in obj.items()} if isinstance(obj, dict) else {}
 
 
-@dataclass
+@dataclass(slots=True)
 class _Msg:
-    head: dict[str, Any]  # the `msg` object without `to`
+    json: dict[str, Any]  # the `msg` object as sent; its `to` list grows with `items`
+    reference: str | None  # what its messages were sent with (message_reference)
     items: list[SmsMessage] = field(default_factory=list)
 
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"from": self.head["from"]} if "from" in self.head else {}
-        out["to"] = [{"number": cm_number(m.to)} for m in self.items]
-        out.update((k, v) for k, v in self.head.items() if k != "from")
-        return out
 
-
-@dataclass
+@dataclass(slots=True)
 class _Request:
     msgs: list[_Msg] = field(default_factory=list)
     open: dict[_GroupKey, _Msg] = field(default_factory=dict)  # last msg of each group
-    numbers: dict[str, SmsMessage] = field(default_factory=dict)  # match key -> message
+    # match key -> (message, its msg)
+    numbers: dict[str, tuple[SmsMessage, _Msg]] = field(default_factory=dict)
 
 
 CM_MAX_VALIDITY_S = 48 * 3600  # seed 000: "la période de validité maximale est de 48 heures"
@@ -138,30 +134,62 @@ def message_reference(m: SmsMessage) -> str | None:
     return cm_reference(m.reference) or cm_reference(m.key.rpartition("-")[0] or None)
 
 
-def _head(m: SmsMessage) -> dict[str, Any]:
-    head: dict[str, Any] = {}
-    if m.sender is not None:
-        head["from"] = m.sender
-    head["body"] = {"content": m.text}
-    head["dcs"] = 8 if m.encoding == "ucs2" else 0
-    reference = message_reference(m)
-    if reference is not None:
-        head["reference"] = reference
-    if m.expires_at is not None:
-        head["validity"] = cm_validity(m.expires_at)
-    head["minimumNumberOfMessageParts"] = 1
-    # Never below the text's own count, so CM cannot cut a text we already cut to fit.
-    head["maximumNumberOfMessageParts"] = max(m.max_parts, m.parts, 1)
-    head["allowedChannels"] = ["SMS"]
-    return head
+class _Planner:
+    """What the messages of one batch share, computed once per distinct value:
+    a 100 000-recipient request has one reference and one validity."""
+
+    def __init__(self) -> None:
+        self._references: dict[tuple[str | None, str], str | None] = {}
+        self._validities: dict[float, str] = {}
+        self._tails: dict[tuple[int, str | None, int | None, int], dict[str, Any]] = {}
+
+    def reference(self, m: SmsMessage) -> str | None:
+        """message_reference(m), cached on what it depends on."""
+        key = (m.reference, m.key.rpartition("-")[0])
+        if key not in self._references:
+            self._references[key] = message_reference(m)
+        return self._references[key]
+
+    def json(self, m: SmsMessage, reference: str | None) -> dict[str, Any]:
+        """A new `msg` object for `m`, `to` still empty (CM's field order kept)."""
+        head: dict[str, Any] = {} if m.sender is None else {"from": m.sender}
+        head["to"] = []
+        head["body"] = {"content": m.text}
+        head.update(self._tail(m, reference))
+        return head
+
+    def _tail(self, m: SmsMessage, reference: str | None) -> dict[str, Any]:
+        # Never below the text's own count, so CM cannot cut a text we already cut to fit.
+        most = max(m.max_parts, m.parts, 1)
+        dcs = 8 if m.encoding == "ucs2" else 0
+        key = (dcs, reference, None if m.expires_at is None else int(m.expires_at), most)
+        tail = self._tails.get(key)
+        if tail is None:
+            tail = {"dcs": dcs}
+            if reference is not None:
+                tail["reference"] = reference
+            if m.expires_at is not None:
+                tail["validity"] = self._validity(m.expires_at)
+            tail["minimumNumberOfMessageParts"] = 1
+            tail["maximumNumberOfMessageParts"] = most
+            tail["allowedChannels"] = ["SMS"]
+            self._tails[key] = tail
+        return tail
+
+    def _validity(self, expires_at: float) -> str:
+        if expires_at not in self._validities:
+            self._validities[expires_at] = cm_validity(expires_at)
+        return self._validities[expires_at]
 
 
 def plan(batch: Sequence[SmsMessage]) -> list[_Request]:
     """Split a batch into the fewest requests CM allows (first fit, batch order kept)."""
     requests: list[_Request] = []
+    planner = _Planner()
     for m in batch:
+        reference = planner.reference(m)
         key: _GroupKey = (
-            m.sender, m.text, m.encoding, message_reference(m), m.max_parts,
+            m.sender, m.text, m.encoding, reference, m.max_parts,
             None if m.expires_at is None else int(m.expires_at),
         )  # fmt: skip
         number = _match_key(m.to)
@@ -181,11 +209,12 @@ def plan(batch: Sequence[SmsMessage]) -> list[_Request]:
             target = (requests[-1], None)
         req, msg = target
         if msg is None:
-            msg = _Msg(_head(m))
+            msg = _Msg(planner.json(m, reference), reference)
             req.msgs.append(msg)
             req.open[key] = msg
         msg.items.append(m)
-        req.numbers[number] = m
+        msg.json["to"].append({"number": cm_number(m.to)})
+        req.numbers[number] = (m, msg)
     return requests
 
 
@@ -270,7 +299,7 @@ class CmProvider:
         return resp.status_code, data, text
 
     async def _submit(self, req: _Request) -> list[Outcome] | CallFailure:
-        result = await self._post([msg.to_json() for msg in req.msgs])
+        result = await self._post([msg.json for msg in req.msgs])
         if isinstance(result, CallFailure):
             return result
         status, data, text = result
@@ -285,6 +314,7 @@ class CmProvider:
             detail = f"CM answered HTTP {status}: {what} (errorCode {error_code})"
             return [Outcome(m.key, provider_code(kind), detail=detail) for m in _all(req)]
         results: dict[str, Outcome] = {}
+        accepted: dict[Any, str] = {}  # parts -> the detail of an accepted message
         for raw in entries:
             # CM's own spelling first; other casings through _lower (keys are
             # case-insensitive), which costs a dict per entry.
@@ -292,31 +322,37 @@ class CmProvider:
             if entry is None:
                 low = _lower(raw)
                 entry = {k: low.get(k.lower()) for k in _ENTRY_KEYS}
-            m = req.numbers.get(_match_key(str(entry.get("to") or "")))
-            if m is None or m.key in results:
+            found = req.numbers.get(_match_key(str(entry.get("to") or "")))
+            if found is None or found[0].key in results:
                 continue
-            if str(entry.get("status", "")).lower() == "accepted":
+            m, msg = found
+            status_word = entry.get("status", "")
+            if status_word == "Accepted" or str(status_word).lower() == "accepted":
                 parts = entry.get("parts")
-                results[m.key] = Outcome(
-                    m.key, Code.SENT, message_reference(m), f"accepted, {parts} part(s)"
-                )
+                words = accepted.get(parts)
+                if words is None:
+                    words = accepted[parts] = f"accepted, {parts} part(s)"
+                results[m.key] = Outcome(m.key, Code.SENT, msg.reference, words)
             else:
                 err = entry.get("messageErrorCode")
                 words = entry.get("messageDetails") or entry.get("status") or "rejected"
                 detail = f"{words} (messageErrorCode {err})"
                 results[m.key] = Outcome(m.key, provider_code(cm_failure(err)), detail=detail)
-        for m in _all(req):
-            if m.key in results:
-                continue
-            if error_code == 0 and status < 300:
-                # errorCode 0 means every msg of the request is Ok.
-                results[m.key] = Outcome(
-                    m.key, Code.SENT, message_reference(m), "accepted (no per-number line)"
-                )
-            else:
-                # Unknown fate: not retried, so that a recipient never gets the SMS twice.
-                detail = f"no result for this number in CM's answer: {details!r}"
-                results[m.key] = Outcome(m.key, Code.ERROR, detail=detail)
+        if len(results) == len(req.numbers):
+            return list(results.values())
+        for msg in req.msgs:
+            for m in msg.items:
+                if m.key in results:
+                    continue
+                if error_code == 0 and status < 300:
+                    # errorCode 0 means every msg of the request is Ok.
+                    results[m.key] = Outcome(
+                        m.key, Code.SENT, msg.reference, "accepted (no per-number line)"
+                    )
+                else:
+                    # Unknown fate: not retried, so that a recipient never gets the SMS twice.
+                    detail = f"no result for this number in CM's answer: {details!r}"
+                    results[m.key] = Outcome(m.key, Code.ERROR, detail=detail)
         return list(results.values())
 
 

@@ -108,11 +108,9 @@ def add_request(tx: Tx, req: NewRequest) -> Admission:
         tx.executemany(
             "INSERT INTO recipients (request_id, idx, tel, number, text, encoding, parts,"
             " max_parts, code, done_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            # A RecipientDraft is (tel, number, text, encoding, parts, max_parts, code).
             (
-                (
-                    request_id, i, r.tel, r.number, r.text, r.encoding, r.parts, r.max_parts,
-                    r.code, None if r.code is None else req.received_at,
-                )
+                (request_id, i, *r, None if r.code is None else req.received_at)
                 for i, r in enumerate(req.recipients, start=1)
             ),
         )  # fmt: skip
@@ -231,21 +229,8 @@ def pending_recipients(
             " WHERE request_id = ? AND code IS NULL AND due_at <= ? ORDER BY idx LIMIT ?",
             (request_id, now, limit - len(rows)),
         )
-    return [
-        PendingRecipient(
-            request_id=r[0],
-            idx=r[1],
-            number=r[2],
-            text=r[3],
-            encoding=r[4],
-            parts=r[5],
-            max_parts=r[6],
-            provider_index=r[7],
-            attempts=r[8],
-            in_doubt=bool(r[9]),
-        )
-        for r in rows
-    ]
+    # The columns are PendingRecipient's fields in order: no per-field copy.
+    return [PendingRecipient._make(r) for r in rows]
 
 
 def mark_submitting(
@@ -311,16 +296,21 @@ def record_results(
     )
     counts: Counts = {}
     refunds: dict[int, int] = {}
+    by_code: dict[tuple[str | None, int], int] = {}
     for r in results:
         if r.code is not None:
-            _count(counts, "mailbridge_sms_total", r.provider or "none", str(r.code))
+            outcome = (r.provider, r.code)
+            by_code[outcome] = by_code.get(outcome, 0) + 1
         if r.refund_parts:
             refunds[r.request_id] = refunds.get(r.request_id, 0) + r.refund_parts
+    for (provider, code), n in by_code.items():
+        _count(counts, "mailbridge_sms_total", provider or "none", str(code), by=n)
     ev.observe_calls(counts, calls)
     ev.bump(tx, counts)
     ev.record_parts(tx, results)
-    # A delivery report that came before its message id was recorded is due now.
-    ev.retry_waiting_events(tx, (r.provider_message_id for r in results), now)
+    # A delivery report that came before its message id was recorded is due now
+    # (a CM batch's messages share one id: each distinct id once).
+    ev.retry_waiting_events(tx, {r.provider_message_id for r in results}, now)
     tx.executemany(
         "UPDATE credits SET used = CASE WHEN used > ? THEN used - ? ELSE 0 END"
         " WHERE account = (SELECT account FROM requests WHERE id = ?)",
