@@ -40,7 +40,7 @@ from mailbridge.providers import ListeningProvider, Provider, build_provider
 from mailbridge.report import ReportRenderer
 from mailbridge.sdnotify import notify, watchdog_interval
 from mailbridge.store import Store, StoreUnavailable, acquire_store_lock, open_store
-from mailbridge.worker import WorkerProcess, watch_wake_pipe
+from mailbridge.worker import WAKE_ALL, WAKE_EVENTS, WorkerProcess, watch_wake_pipe
 
 # The intake side's modules (aiosmtpd, phonenumbers, holidays, lxml...) are
 # imported where the intake is built, not here: the worker process imports this
@@ -271,10 +271,11 @@ async def run_worker(config: Config, wake_fd: int, owner: str, daemon_pid: int) 
     if stopsignal.requested():  # came before the loop took the signal over
         stopping.set()
 
-    def wake() -> None:
-        work.set()
-        reports.set()
+    def wake(what: bytes = WAKE_ALL) -> None:
         events.set()
+        if what.strip(WAKE_EVENTS):  # not only events: every stage looks
+            work.set()
+            reports.set()
 
     watch_wake_pipe(wake_fd, wake, stopping.set)
     store = open_store(config.store, owner)
@@ -354,6 +355,13 @@ class Daemon:
             self._reports.set()
             self._events.set()
 
+    def wake_events(self) -> None:
+        """New delivery or reply events: the feedback stage looks now."""
+        if self._worker is not None:
+            self._worker.wake(WAKE_EVENTS)
+        else:
+            self._events.set()
+
     async def start(self) -> None:
         from mailbridge.intake import IntakeHandler
         from mailbridge.limits import IntakeLimits
@@ -388,7 +396,7 @@ class Daemon:
 
             self.receiver = Receiver(
                 config.http, store, self.clock,
-                on_events=self.wake, health=self.health, metrics=self.metrics,
+                on_events=self.wake_events, health=self.health, metrics=self.metrics,
             )  # fmt: skip
             self.http_address = await self.receiver.start()
         self._check_stop()

@@ -170,6 +170,7 @@ class Receiver:
         self.address: tuple[str, int] | None = None
         self._runner: web.AppRunner | None = None
         self._server: asyncio.base_events.Server | None = None
+        self._wake_due = False  # a wake of the feedback stage is scheduled
 
     # -- lifecycle -------------------------------------------------------
 
@@ -271,11 +272,23 @@ class Receiver:
             log.error("http: callback %s not stored (503): %s", callback.name, err)
             return web.Response(status=503, text="store unavailable, retry later\n")
         if any(new):
-            self.on_events()
+            self._wake_soon()
         log.info("http: callback %s: %d event(s), %d new", callback.name, len(events), sum(new))
         if callback.ok_status == 204:
             return web.Response(status=204)
         return web.Response(status=callback.ok_status, text="OK")
+
+    def _wake_soon(self) -> None:
+        """Wake the feedback stage once for the callbacks stored together: the
+        handlers of one group commit resume in the same loop iteration, and
+        one wake after them says it for all."""
+        if not self._wake_due:
+            self._wake_due = True
+            asyncio.get_running_loop().call_soon(self._wake)
+
+    def _wake(self) -> None:
+        self._wake_due = False
+        self.on_events()
 
     async def _healthz(self, request: web.Request) -> web.Response:
         health = await self.health()

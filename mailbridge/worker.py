@@ -37,6 +37,11 @@ PR_SET_PDEATHSIG = 1
 # The child's command line: `python -m mailbridge _worker <parent pid> <wake fd>`,
 # a subcommand the CLI hides from --help (bench/profile.py looks for it too).
 WORKER_COMMAND = "_worker"
+# Bytes on the wake pipe: new work of any kind; only new delivery or reply events
+# (a burst of callbacks then wakes the feedback stage, not the claims of the
+# dispatcher and the mailer, each a write transaction).
+WAKE_ALL = b"w"
+WAKE_EVENTS = b"e"
 
 
 # -- the worker process: parent side -------------------------------------------
@@ -93,11 +98,12 @@ class WorkerProcess:
         """Whether the child runs (it may still hang: the heartbeat tells that)."""
         return self.proc is not None and self.proc.returncode is None
 
-    def wake(self) -> None:
-        """New work: one byte on the pipe. A full pipe already says so."""
+    def wake(self, what: bytes = WAKE_ALL) -> None:
+        """New work: one byte on the pipe (WAKE_EVENTS: only delivery and reply
+        events, for the feedback stage). A full pipe already says so."""
         if self._wake_w is not None:
             with contextlib.suppress(BlockingIOError, BrokenPipeError):
-                os.write(self._wake_w, b"w")
+                os.write(self._wake_w, what)
 
     async def wait(self) -> int:
         """Wait for the child to exit; return its status."""
@@ -158,8 +164,10 @@ def lower_priority(nice: int) -> None:
             log.warning("worker: cannot lower its CPU priority (nice): %s", err)
 
 
-def watch_wake_pipe(wake_fd: int, on_wake: Callable[[], None], on_gone: Callable[[], None]) -> None:
-    """Call `on_wake` for bytes on the parent's pipe, `on_gone` once it closes.
+def watch_wake_pipe(
+    wake_fd: int, on_wake: Callable[[bytes], None], on_gone: Callable[[], None]
+) -> None:
+    """Call `on_wake` with the bytes on the parent's pipe, `on_gone` once it closes.
 
     Runs in the current event loop; the pipe closing means the parent is gone
     (PR_SET_PDEATHSIG kills us too, but it may have been refused).
@@ -175,7 +183,7 @@ def watch_wake_pipe(wake_fd: int, on_wake: Callable[[], None], on_gone: Callable
             loop.remove_reader(wake_fd)
             on_gone()
             return
-        on_wake()
+        on_wake(data)
 
     os.set_blocking(wake_fd, False)
     loop.add_reader(wake_fd, readable)

@@ -4,6 +4,7 @@ etatDlr mails grouped per request, reply mails, the STOP blacklist."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -326,3 +327,109 @@ async def test_smpp_ids_match_within_their_provider_only(store: SqlStore) -> Non
     await store.add_events([part_dlr("e1", "DELIVRE", provider="smpp:other")], NOW)
     done = await store.process_events(NOW, 100, SMPP_RULES)
     assert (done.matched, done.waiting) == (0, 1)
+
+
+# -- a batch of events is matched as one event at a time would be -------------------
+
+
+def _batch_events() -> list[DeliveryEvent | ReplyEvent]:
+    """Many cases in one batch: contradictory reports of one recipient, an id
+    two requests share (the newer wins), a batch id with numbers, an unknown id."""
+    return [
+        dlr("a1", "EN_COURS", key="1"),
+        dlr("a1", "NON_DELIVRE", text="Absent", key="2"),
+        dlr("a1", "DELIVRE", key="3"),  # after a final: ignored
+        dlr("a2", "EN_COURS", key="4"),
+        dlr("shared", "DELIVRE", number="+33601020304", key="5"),
+        dlr("shared", "REJETE", number="+33601020305", key="6"),
+        dlr("unknown", "DELIVRE", key="7"),
+        dlr("b2", "EXPIRE", key="8"),
+        dlr("b2", "DELIVRE", key="9"),
+        mo("+33601020305", "STOP", key="10"),
+    ]
+
+
+async def _batch_outcome(store: SqlStore, limit: int) -> tuple[list[Any], list[Any]]:
+    """Process the batch `limit` events per pass; every recipient's status and
+    every event's state after it."""
+    await sent(store, "x1", ["a1", "a2"])
+    await sent(store, "x2", ["shared", "shared"])
+    await sent(store, "x3", ["b1", "b2"])
+    await sent(store, "x4", ["shared", "shared"])  # the newer request with that id
+    await store.add_events(_batch_events(), NOW)
+    passes = 0
+    while (done := await store.process_events(NOW, limit, RULES)).matched or done.waiting:
+        passes += 1
+    assert passes == (1 if limit >= 10 else 10)  # 9 matched, 1 waiting; `limit` per pass
+
+    def read(tx: Any) -> tuple[list[Any], list[Any]]:
+        recipients = tx.all(
+            "SELECT request_id, idx, dlr_status, dlr_text FROM recipients ORDER BY 1, 2"
+        )
+        events = tx.all("SELECT dedupe_key, state, request_id, idx FROM events ORDER BY id")
+        return [tuple(r) for r in recipients], [tuple(e) for e in events]
+
+    return await store._read(read)
+
+
+async def test_a_batch_is_applied_as_one_event_at_a_time(
+    any_store: SqlStore, tmp_path: Path
+) -> None:
+    from mailbridge.store.sqlite import SqliteStore
+
+    one_by_one = SqliteStore(tmp_path / "one.sqlite")
+    await one_by_one.open()
+    try:
+        expected = await _batch_outcome(one_by_one, 1)
+    finally:
+        await one_by_one.close()
+    recipients, events = await _batch_outcome(any_store, 500)
+    assert (recipients, events) == expected
+    by_key = {e[0]: e for e in events}
+    assert by_key["7"][1] == "waiting"
+    rid1, rid2, rid4 = by_key["1"][2], by_key["5"][2], by_key["6"][2]
+    assert rid2 == rid4 and rid2 > rid1 + 2  # the newer request that shares "shared"
+    statuses = {(r[0], r[1]): r[2] for r in recipients}
+    assert statuses[(rid1, 1)] == "NON_DELIVRE"  # the first final wins
+    assert statuses[(rid1, 2)] == "EN_COURS"
+    assert (statuses[(rid2, 1)], statuses[(rid2, 2)]) == ("DELIVRE", "REJETE")
+    assert statuses[(rid1 + 2, 2)] == "EXPIRE"
+
+
+async def test_matching_a_batch_takes_statements_per_batch_not_per_event(
+    tmp_path: Path,
+) -> None:
+    """300 reports of 300 recipients: a handful of statements, not one or more per event."""
+    from mailbridge.store.sqlite import SqliteStore
+
+    store = SqliteStore(tmp_path / "db.sqlite")
+    await store.open()
+    try:
+        drafts = [
+            RecipientDraft(tel=f"06{i:08d}", number=f"+336{i:08d}", text="hi", encoding="gsm7",
+                           parts=1, max_parts=5)
+            for i in range(300)
+        ]  # fmt: skip
+        rid = (
+            await store.add_request(new_request("many", recipients=drafts, dlr_to="d@c.test"))
+        ).request_id
+        await store.record_results(
+            [RecipientResult(request_id=rid, idx=i, code=0, provider="kz",
+                             provider_message_id=f"m{i}") for i in range(1, 301)],
+            NOW,
+        )  # fmt: skip
+        await store.finish_if_done([rid], NOW)
+        await store.add_events([dlr(f"m{i}", "DELIVRE") for i in range(1, 301)], NOW)
+        statements: list[str] = []
+        store.db.set_trace_callback(statements.append)
+        try:
+            done = await store.process_events(NOW, 500, RULES)
+        finally:
+            store.db.set_trace_callback(None)
+        assert done.matched == 300
+        # The reads (one per event before): the updates are one executemany each.
+        reads = [s for s in statements if s.startswith("SELECT")]
+        assert len(reads) <= 3, reads[:10]
+        assert await store.queue_delivery_reports(NOW, RULES) == 1
+    finally:
+        await store.close()

@@ -351,3 +351,35 @@ async def test_a_file_from_a_newer_version_is_refused(tmp_path: Path) -> None:
     db.close()
     with pytest.raises(StoreUnavailable, match="schema version 99, newer than this mailbridge"):
         await SqliteStore(path).open()
+
+
+@pytest.mark.parametrize(
+    ("query", "index"),
+    [
+        ("DELETE FROM reports WHERE request_id IN (1, 2)", "reports_request"),
+        ("DELETE FROM events WHERE request_id IN (1, 2)", "events_recipient"),
+        (
+            "SELECT id FROM requests WHERE state = 'done' AND done_at < 5 AND NOT EXISTS"
+            " (SELECT 1 FROM reports p WHERE p.request_id = requests.id AND p.state = 'pending')"
+            " ORDER BY id LIMIT 500",
+            "requests_done",
+        ),
+        (
+            "SELECT message_id FROM events WHERE request_id = 1 AND idx = 2 AND kind = 'dlr'"
+            " AND state = 'matched' ORDER BY id",
+            "events_recipient",
+        ),
+    ],
+)
+async def test_lookups_that_would_grow_with_the_store_use_an_index(
+    tmp_path: Path, query: str, index: str
+) -> None:
+    """The purge's deletes and choice of requests, a recipient's events: an
+    index search, never a scan of a table that grows (bench/soak.py)."""
+    store = SqliteStore(tmp_path / "db.sqlite")
+    await store.open()
+    try:
+        plan = " | ".join(row[3] for row in store.db.execute("EXPLAIN QUERY PLAN " + query))
+    finally:
+        await store.close()
+    assert f"INDEX {index}" in plan and "SCAN" not in plan, plan

@@ -181,8 +181,78 @@ def _apply_reply(
         done.reply_reports += 1
 
 
+def _by_message_id(
+    tx: Tx, rules: FeedbackRules, wanted: Sequence[tuple[str, str | None, str]], *, parts: bool
+) -> dict[tuple[str, str | None, str], tuple[int, int]]:
+    """The recipients of many (message id, number or None, provider type) at
+    once, chosen as `_find_recipient` chooses: the provider's type, the number
+    when given, then the highest request id and the lowest idx. `parts`: by
+    the id of one part of a multipart SMS (message_parts)."""
+    ids = sorted({mid for mid, _, _ in wanted})
+    candidates: dict[str, list[tuple[str | None, int, int, str | None]]] = {}
+    sql = (
+        "SELECT m.message_id, r.number, r.request_id, r.idx, r.provider FROM message_parts m"
+        " JOIN recipients r ON r.request_id = m.request_id AND r.idx = m.idx"
+        " WHERE m.message_id IN ({})"
+        if parts
+        else "SELECT provider_message_id, number, request_id, idx, provider FROM recipients"
+        " WHERE provider_message_id IN ({})"
+    )
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        for mid, number, request_id, idx, provider in tx.execute(
+            sql.format(",".join("?" * len(chunk))), chunk
+        ):
+            candidates.setdefault(str(mid), []).append(
+                (number, int(request_id), int(idx), provider)
+            )
+    found: dict[tuple[str, str | None, str], tuple[int, int]] = {}
+    for key in set(wanted):
+        mid, number, ptype = key
+        names = _names(rules, ptype)
+        rows = [
+            (-request_id, idx)
+            for num, request_id, idx, provider in candidates.get(mid, ())
+            if provider in names and (number is None or num == number)
+        ]
+        if rows:
+            best = min(rows)
+            found[key] = (-best[0], best[1])
+    return found
+
+
+def _match_all(
+    tx: Tx, rules: FeedbackRules, rows: Sequence[Any]
+) -> dict[int, tuple[int, int] | None]:
+    """Event id -> its recipient (or None), for a batch of due events: a few
+    statements for the batch where matching by message id, not one per event
+    (matching reads recipients that applying the events never changes, so the
+    order does not matter)."""
+    keyed = {
+        int(r[0]): (str(r[3]), r[4], str(r[2])) for r in rows if r[3] is not None
+    }  # eid -> (message id, number, provider type)
+    by_id = _by_message_id(tx, rules, list(keyed.values()), parts=False)
+    missing = [k for k in keyed.values() if k not in by_id]
+    by_part = _by_message_id(tx, rules, missing, parts=True) if missing else {}
+    matches: dict[int, tuple[int, int] | None] = {}
+    for r in rows:
+        eid = int(r[0])
+        if eid in keyed:
+            matches[eid] = by_id.get(keyed[eid]) or by_part.get(keyed[eid])
+        else:  # by number alone (replies): the most recent recipient of that number
+            matches[eid] = _find_recipient(tx, rules, r[2], None, r[4])
+    return matches
+
+
 def process_events(tx: Tx, now: float, limit: int, rules: FeedbackRules) -> FeedbackPass:
-    """Match the due events to their recipients and apply them (see mailbridge.feedback)."""
+    """Match the due events to their recipients and apply them (see mailbridge.feedback).
+
+    Set-based: the batch is matched in a few statements, and its updates are
+    one prepared statement each (executemany), in event order, so that the
+    rules apply as one event at a time would: a final status is never
+    overwritten and between two finals the first wins. SMPP delivery events
+    (a recipient's status is computed from the events matched before it)
+    keep their one-at-a-time path."""
     done = FeedbackPass()
     rows = tx.execute(
         "SELECT id, kind, provider_type, message_id, number, status, text, occurred_at,"
@@ -190,30 +260,61 @@ def process_events(tx: Tx, now: float, limit: int, rules: FeedbackRules) -> Feed
         " ORDER BY id LIMIT ?",
         (now, limit),
     ).fetchall()
-    for eid, kind, ptype, message_id, number, status, text, occurred, received, tries in rows:
-        found = _find_recipient(tx, rules, ptype, message_id, number)
+    if not rows:
+        return done
+    matches = _match_all(tx, rules, rows)
+    orphans: list[tuple[int]] = []
+    waiting: list[tuple[float, int]] = []
+    matched: list[tuple[int, int, int]] = []
+    deliveries: list[tuple[str, str, float, int, int]] = []
+    finals: set[int] = set()
+    one_by_one: list[tuple[Any, tuple[int, int]]] = []
+    for row in rows:
+        eid, kind, ptype, message_id, number, status, text, occurred, received, tries = row
+        found = matches[int(eid)]
         if found is None:
             if now - received >= EVENT_MAX_AGE_S:
-                tx.execute("UPDATE events SET state = 'orphan' WHERE id = ?", (eid,))
+                orphans.append((eid,))
                 done.orphans.append(f"{ptype} {kind} {eid} (id {message_id}, number {number})")
             else:
-                tx.execute(
-                    "UPDATE events SET state = 'waiting', tries = tries + 1, next_try_at = ?"
-                    " WHERE id = ?",
-                    (now + event_retry_delay(tries), eid),
-                )
+                waiting.append((now + event_retry_delay(tries), eid))
                 done.waiting += 1
             continue
-        request_id, idx = found
-        tx.execute(
-            "UPDATE events SET state = 'matched', request_id = ?, idx = ? WHERE id = ?",
-            (request_id, idx, eid),
-        )
         done.matched += 1
+        if kind == "dlr" and ptype.startswith("smpp"):
+            one_by_one.append((row, found))
+            continue
+        matched.append((found[0], found[1], eid))
         if kind == "dlr":
+            deliveries.append((status, text, occurred or received, found[0], found[1]))
+            if is_final(status):
+                finals.add(found[0])
+        else:
+            one_by_one.append((row, found))
+    tx.executemany("UPDATE events SET state = 'orphan' WHERE id = ?", orphans)
+    tx.executemany(
+        "UPDATE events SET state = 'waiting', tries = tries + 1, next_try_at = ? WHERE id = ?",
+        waiting,
+    )
+    tx.executemany(
+        "UPDATE events SET state = 'matched', request_id = ?, idx = ? WHERE id = ?", matched
+    )
+    tx.executemany(
+        "UPDATE recipients SET dlr_status = ?, dlr_text = ?, dlr_at = ? WHERE request_id = ?"
+        f" AND idx = ? AND (dlr_status IS NULL OR dlr_status NOT IN ({_FINALS}))",
+        deliveries,
+    )
+    for request_id in sorted(finals):
+        _mark_ready_if_all_final(tx, request_id, now)
+    for row, (request_id, idx) in one_by_one:
+        eid, kind, ptype, _, number, status, text, occurred, received, _ = row
+        if kind == "dlr":  # SMPP
+            tx.execute(
+                "UPDATE events SET state = 'matched', request_id = ?, idx = ? WHERE id = ?",
+                (request_id, idx, eid),
+            )
             at = occurred or received
-            if ptype.startswith("smpp"):
-                status, text, at = _whole_message(tx, request_id, idx, status, text, at)
+            status, text, at = _whole_message(tx, request_id, idx, status, text, at)
             _apply_delivery(tx, request_id, idx, status, text, at, now)
         else:
             _apply_reply(tx, rules, eid, number, text, request_id, now, done)

@@ -37,6 +37,7 @@ import psycopg_pool
 from mailbridge.config import StoreConfig
 from mailbridge.store import StoreUnavailable
 from mailbridge.store.engine import Tx
+from mailbridge.store.sqlite import GROWTH_INDEXES
 from mailbridge.store.sqlstore import SqlStore
 
 log = logging.getLogger(__name__)
@@ -191,6 +192,8 @@ MIGRATIONS: dict[int, list[str]] = {
     )""",
         "CREATE INDEX message_parts_id ON message_parts (message_id)",
     ],
+    # Lookups that otherwise scan a table that grows (store/sqlite.py, version 6).
+    4: GROWTH_INDEXES,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
