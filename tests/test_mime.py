@@ -11,8 +11,16 @@ from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from mailbridge.mime import MAX_PROBLEMS, MailContent, read_mail
+from mailbridge.mime import (
+    MAX_PROBLEMS,
+    MailContent,
+    read_mail,
+    read_mail_stdlib,
+    read_simple_mail,
+)
 
 ENVOI = "<envoi>\n<keyid>k1</keyid>\n<num>0601020304</num>\n<sms>L'été à 50€</sms>\n</envoi>\n"
 
@@ -457,3 +465,63 @@ def test_encoded_and_8bit_subjects() -> None:
     assert read_mail(raw).subject == "été"
     raw = b"Subject: long\r\n folded\r\n\tsubject\r\n\r\nx"
     assert read_mail(raw).subject == "long folded\tsubject"
+
+
+# -- the fast path for one text/plain part (read_simple_mail) ------------------------------
+
+HEADER_VARIANTS = [
+    "From: erp@client.test", "From: ERP <Erp@Client.TEST>", "From erp@client.test", "To: a@b.c",
+    "Subject: sms x", "Subject: =?utf-8?q?=C3=A9t=C3=A9?=", "Subject:\tfolded\r\n  line",
+    "Message-ID: <1@client.test>", "MIME-Version: 1.0", "Content-Type: text/plain",
+    'Content-Type: text/plain; charset="utf-8"', "Content-Type: TEXT/PLAIN; Charset=ISO-8859-1",
+    "Content-Type: text/plain; charset=utf-8; format=flowed; delsp=yes",
+    "Content-Type: text/plain;\r\n charset=us-ascii", "Content-Type: text/html",
+    "Content-Type: text/plain; name=x.txt", "Content-Type: multipart/mixed; boundary=b",
+    "Content-Type: text/plain; charset=bogus", "Content-Type: text/plain; charset=",
+    "Content-Transfer-Encoding: 7bit", "Content-Transfer-Encoding: 8bit",
+    "Content-Transfer-Encoding: quoted-printable", "Content-Transfer-Encoding: base64",
+    "Content-Transfer-Encoding: Base64 ", "Content-Transfer-Encoding: x-uuencode",
+    "Content-Disposition: attachment; filename=mobiles.csv", "Auto-Submitted: auto-replied",
+    " continuation first", ":no name", "no colon here", "X-8bit: caf\xe9", "X-Empty:",
+]  # fmt: skip
+BODY_PIECES = [
+    ENVOI, "=C3=A9t=C3=A9=\r\n", "PGVudm9pPg==", "PGVudm9p", "caf\xe9 ", "\r", "\n", "\r\n",
+    ". ", "-- \r\n", "> quoted \r\n", "\x00", "=", "line \r\nnext",
+]  # fmt: skip
+
+
+@st.composite
+def simple_mails(draw: st.DrawFn) -> bytes:
+    names = draw(st.lists(st.sampled_from(HEADER_VARIANTS), max_size=8))
+    eol = draw(st.sampled_from(["\r\n", "\n", "\r"]))
+    head = "".join(h.replace("\r\n", eol) + eol for h in names)
+    body = "".join(draw(st.lists(st.sampled_from(BODY_PIECES) | st.text(max_size=8), max_size=8)))
+    sep = draw(st.sampled_from([eol, "\r\n", "\n", ""]))
+    return (head + sep + body).encode("utf-8", "surrogateescape")
+
+
+@given(simple_mails())
+@settings(max_examples=1500, deadline=None)
+def test_fast_path_reads_as_the_stdlib(raw: bytes) -> None:
+    fast = read_simple_mail(raw)
+    assert fast is None or fast == read_mail_stdlib(raw)
+    assert read_mail(raw) == read_mail_stdlib(raw)
+
+
+@given(st.binary(max_size=600))
+@settings(max_examples=500, deadline=None)
+def test_fast_path_on_any_bytes(raw: bytes) -> None:
+    fast = read_simple_mail(raw)
+    assert fast is None or fast == read_mail_stdlib(raw)
+
+
+@pytest.mark.parametrize("cte", ["7bit", "8bit", "quoted-printable", "base64"])
+def test_fast_path_takes_the_common_requests(cte: str) -> None:
+    """A program's single text/plain request is read without the stdlib parser."""
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = "erp@client.test", "sendsms@bridge.test", "sms"
+    msg.set_content(ENVOI, cte=cte if cte != "7bit" else None)
+    for raw in (msg.as_bytes(), msg.as_bytes().replace(b"\n", b"\r\n")):
+        fast = read_simple_mail(raw)
+        assert fast is not None and fast == read_mail_stdlib(raw)
+        assert fast.text == ENVOI
