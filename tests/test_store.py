@@ -383,3 +383,35 @@ async def test_lookups_that_would_grow_with_the_store_use_an_index(
     finally:
         await store.close()
     assert f"INDEX {index}" in plan and "SCAN" not in plan, plan
+
+
+async def test_postgresql_statistics_follow_a_young_store(pg_cluster: Any) -> None:
+    """A new PostgreSQL store gets planner statistics as it grows, without
+    waiting for autovacuum's first round (bench/soak.py: a third of the rate
+    for the first minute without them); a store that did not change is left
+    alone."""
+    from mailbridge.store.postgres import PostgresStore, refresh_statistics
+    from tests.conftest import postgres_config
+
+    store = PostgresStore(postgres_config(pg_cluster))
+    await store.open()
+    try:
+        drafts = [
+            RecipientDraft(tel=f"06{i:08d}", number=f"+336{i:08d}", text="hi",
+                           encoding="gsm7", parts=1, max_parts=5)
+            for i in range(1500)
+        ]  # fmt: skip
+        await store.add_request(new_request("big", recipients=drafts))
+
+        def recipients_estimate(tx: Any) -> float:
+            return float(tx.one("SELECT reltuples FROM pg_class WHERE relname = 'recipients'")[0])
+
+        # The server's activity counters reach pg_stat within about a second.
+        deadline = asyncio.get_running_loop().time() + 30
+        while await store._read(recipients_estimate) < 1500:
+            assert asyncio.get_running_loop().time() < deadline, "never analysed"
+            await store.heartbeat("test", NOW, 1)
+            await asyncio.sleep(0.2)  # the counters' flush interval, polled
+        assert await store._write(refresh_statistics) == []
+    finally:
+        await store.close()

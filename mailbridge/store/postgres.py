@@ -370,8 +370,41 @@ class PostgresBackend:
             self._listener = None
 
 
+# Tables whose row counts grow by orders of magnitude from an empty store.
+GROWING_TABLES = ("requests", "recipients", "reports", "events")
+STALE_ROWS = 1000  # changes since the last ANALYZE that matter on a small table
+
+
+def refresh_statistics(tx: Tx) -> list[str]:
+    """ANALYZE the growing tables whose rows changed by more than their size at
+    their last ANALYZE (a young store doubling). Autovacuum does the same at
+    10 % but only every `autovacuum_naptime` (60 s): on a new database the
+    planner meanwhile plans for empty tables and the pipeline slows to a third
+    (bench/soak.py, docs/performance.md). Returns the tables analysed."""
+    marks = ",".join("?" * len(GROWING_TABLES))
+    rows = tx.all(
+        "SELECT s.relname, c.reltuples, s.n_mod_since_analyze FROM pg_stat_user_tables s"
+        " JOIN pg_class c ON c.oid = s.relid"
+        f" WHERE s.schemaname = current_schema() AND s.relname IN ({marks})",
+        GROWING_TABLES,
+    )
+    stale = [
+        str(name) for name, tuples, changed in rows if changed > max(STALE_ROWS, float(tuples))
+    ]
+    for name in stale:  # names from our own list, not from input
+        tx.execute(f"ANALYZE {name}")
+    return stale
+
+
 class PostgresStore(SqlStore):
     """The store on PostgreSQL (`store.postgresql`), for several instances."""
 
     def __init__(self, config: StoreConfig) -> None:
         super().__init__(PostgresBackend(config))
+
+    async def heartbeat(self, process: str, now: float, pid: int) -> None:
+        """The heartbeat, then fresh planner statistics while the store is young."""
+        await super().heartbeat(process, now, pid)
+        analysed = await self._write(refresh_statistics)
+        if analysed:
+            log.debug("store: statistics refreshed for %s", ", ".join(analysed))
