@@ -16,19 +16,14 @@ SMS ("to provider"), and until the Not has reached the report sink ("to Not").
 from __future__ import annotations
 
 import argparse
-import os
 import secrets
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench  # noqa: E402
@@ -62,66 +57,12 @@ def checkout_of(python: str) -> Path:
     return Path(python).absolute().parent.parent.parent
 
 
-def daemon_config(tmp: Path, provider_port: int, sink_port: int) -> dict[str, Any]:
-    """bench/run.py's daemon configuration (store at synchronous: full)."""
-    return {
-        "smtp": {
-            "listen": "127.0.0.1:0",
-            "recipients": [bench.INTAKE],
-            "max_message_bytes": 20_000_000,
-        },
-        "store": {"sqlite": str(tmp / "mailbridge.db"), "synchronous": "full"},
-        "reports": {
-            "from": "mailbridge@bridge.test",
-            "smtp": {"host": "127.0.0.1", "port": sink_port},
-        },
-        "providers": {
-            "cm": {
-                "type": "cm",
-                "url": f"http://127.0.0.1:{provider_port}/v1.0/message",
-                "product_token": "00000000-0000-0000-0000-000000000000",
-            },
-        },
-        "accounts": [
-            {
-                "keyid": bench.KEYID,
-                "name": "bench",
-                "sender_domains": ["client.test"],
-                "provider": "cm",
-                "default_sender": "Bench",
-                "commercial": False,
-                "countries": None,
-            }
-        ],
-        "log_level": "WARNING",
-    }
-
-
 def start_daemon(side: Side, tmp: Path, provider_port: int, sink_port: int) -> bench.Proc:
-    """The daemon of `side`, started as bench/run.py starts it (READY=1 over NOTIFY_SOCKET)."""
-    tmp.mkdir(parents=True, exist_ok=True)
-    path = tmp / "config.yaml"
-    path.write_text(yaml.safe_dump(daemon_config(tmp, provider_port, sink_port)))
-    name = f"mailbridge-ab-{secrets.token_hex(6)}"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind("\0" + name)
-    sock.settimeout(60)
-    env = {**os.environ, "NOTIFY_SOCKET": "@" + name}
-    env.pop("PYTHONPATH", None)
-    cwd = os.getcwd()
-    os.chdir(side.checkout)  # `-m` puts the cwd first on sys.path
-    try:
-        proc = bench.Proc([side.python, "-m", "mailbridge", "serve", "-c", str(path)], env=env)
-    finally:
-        os.chdir(cwd)
-    try:
-        while "READY=1" not in (data := sock.recv(4096).decode()):
-            pass
-    finally:
-        sock.close()
-    status = [ln for ln in data.splitlines() if ln.startswith("STATUS=")][0]
-    proc.port = int(status.partition("; http ")[0].rsplit(":", 1)[1])
-    return proc
+    """The daemon of `side`: bench/run.py's daemon (store at synchronous: full),
+    run by that side's interpreter on its own checkout."""
+    return bench.start_daemon(
+        tmp, provider_port, sink_port, "full", code=side.checkout, python=side.python
+    )
 
 
 def cpu_by_process(daemon: bench.Proc) -> tuple[float, float]:

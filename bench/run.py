@@ -160,10 +160,12 @@ def start_daemon(
     http: dict[str, Any] | None = None,
     store: dict[str, Any] | None = None,
     code: Path | None = None,
+    python: str = sys.executable,
 ) -> Proc:
     """The daemon on the benchmark's peers; with `http`, its receiver too
     (`proc.http_port`); `store`: another store section (PostgreSQL); `code`: a
-    checkout whose mailbridge runs instead of this one (the A/B baseline)."""
+    checkout whose mailbridge runs instead of this one (the A/B baseline),
+    `python`: the interpreter (another checkout's virtualenv)."""
     config: dict[str, Any] = {
         "smtp": {"listen": "127.0.0.1:0", "recipients": [INTAKE], "max_message_bytes": 20_000_000},
         "store": {"sqlite": str(tmp / "mailbridge.db"), "synchronous": synchronous},
@@ -205,7 +207,7 @@ def start_daemon(
     env = {**os.environ, "NOTIFY_SOCKET": "@" + name}
     if code is not None:  # found before the editable install of this checkout
         env["PYTHONPATH"] = str(code)
-    proc = Proc([sys.executable, "-m", "mailbridge", "serve", "-c", str(path)], env=env, cwd=code)
+    proc = Proc([python, "-m", "mailbridge", "serve", "-c", str(path)], env=env, cwd=code)
     try:
         while "READY=1" not in (data := sock.recv(4096).decode()):
             pass
