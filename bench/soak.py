@@ -42,6 +42,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from run import (  # noqa: E402
+    CLK_TCK,
     Proc,
     SinkDir,
     SinkLog,
@@ -72,6 +73,10 @@ class Sample:
     rss_intake_mb: float
     rss_worker_mb: float
     store_bytes: int
+    # PostgreSQL's own (0 on SQLite): its processes' CPU, WAL written, checkpoints
+    server_cpu_s: float = 0.0
+    wal_bytes: float = 0.0
+    checkpoints: float = 0.0
 
 
 @dataclass(kw_only=True)
@@ -164,6 +169,41 @@ class StoreSize:
         return int(row[0])
 
 
+class ServerProbe:
+    """PostgreSQL's side of a sample (where the time goes when the daemon's does
+    not grow), read over one open connection (a new one per sample would
+    fork a backend each second)."""
+
+    def __init__(self, dsn: str, postmaster_pid: int) -> None:
+        import psycopg
+
+        self.pid = postmaster_pid
+        self.conn = psycopg.connect(dsn, autocommit=True)
+
+    def read(self) -> dict[str, float]:
+        """Sample fields: server_cpu_s (exited backends included), wal_bytes, checkpoints."""
+        stat = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = sum(int(v) for v in stat[11:15])  # utime stime cutime cstime: waited children
+        try:
+            children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
+        except OSError:
+            children = []
+        for child in children:
+            try:
+                fields = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # exited between the two reads: counted in cutime next time
+            ticks += int(fields[11]) + int(fields[12])
+        row: Any = self.conn.execute(
+            "SELECT pg_current_wal_lsn() - '0/0'::pg_lsn,"
+            " (SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter)"
+        ).fetchone()
+        return {"server_cpu_s": ticks / CLK_TCK, "wal_bytes": row[0], "checkpoints": row[1]}
+
+    def close(self) -> None:
+        self.conn.close()
+
+
 def purge_all(config: Path) -> int:
     """`mailbridge purge --days 0`, as an operator runs it; how many were purged."""
     out = subprocess.run(
@@ -179,7 +219,7 @@ def count_nots(sink: SinkLog | SinkDir) -> dict[str, float]:
 
 def soak(
     backend: str, *, emails: int, per: int, window: int, tmp: Path, provider: Proc,
-    sink: Proc, arrivals: SinkLog | SinkDir, dsn: str | None,
+    sink: Proc, arrivals: SinkLog | SinkDir, dsn: str | None, server: ServerProbe | None = None,
 ) -> SoakResult:  # fmt: skip
     """One backend's run (see the module docstring)."""
     directory = tmp / f"{backend}-{secrets.token_hex(2)}"
@@ -209,6 +249,7 @@ def soak(
                         sms=int(provider_stats(provider.port)["messages"]) - sms0,
                         cpu_s=daemon.cpu_s(), rss_intake_mb=vm_kb(daemon.p.pid, "VmRSS"),
                         rss_worker_mb=vm_kb(worker, "VmRSS"), store_bytes=size.on_disk(),
+                        **(server.read() if server else {}),
                     )
                 )  # fmt: skip
                 last_sample = now
@@ -232,7 +273,7 @@ def soak(
             Sample(
                 at=finished, accepted=sent, nots=done, sms=emails * per, cpu_s=daemon.cpu_s(),
                 rss_intake_mb=vm_kb(daemon.p.pid, "VmRSS"), rss_worker_mb=vm_kb(worker, "VmRSS"),
-                store_bytes=size.on_disk(),
+                store_bytes=size.on_disk(), **(server.read() if server else {}),
             )
         )  # fmt: skip
         hwm_intake, hwm_worker = vm_kb(daemon.p.pid, "VmHWM"), vm_kb(worker, "VmHWM")
@@ -315,6 +356,10 @@ class Tenth:
     rss_intake_mb: float
     rss_worker_mb: float
     store_mb: float
+    # PostgreSQL's own, per email of the tenth (0 on SQLite)
+    server_cpu_ms_per_email: float = 0.0
+    wal_kb_per_email: float = 0.0
+    checkpoints: int = 0
 
 
 def tenths(r: SoakResult) -> list[Tenth]:
@@ -331,6 +376,11 @@ def tenths(r: SoakResult) -> list[Tenth]:
         sms_lo = time_at(r.samples, lo * r.per, "sms")
         sms_hi = time_at(r.samples, hi * r.per, "sms")
         cpu = interpolate(r.samples, hi, "cpu_s") - interpolate(r.samples, lo, "cpu_s")
+
+        server = {
+            attr: interpolate(r.samples, hi, attr) - interpolate(r.samples, lo, attr)
+            for attr in ("server_cpu_s", "wal_bytes", "checkpoints")
+        }
         out.append(
             Tenth(
                 emails_s=(hi - lo) / max(times[k + 1] - times[k], 1e-9),
@@ -341,7 +391,10 @@ def tenths(r: SoakResult) -> list[Tenth]:
                 rss_intake_mb=max(s.rss_intake_mb for s in inside),
                 rss_worker_mb=max(s.rss_worker_mb for s in inside),
                 store_mb=max(s.store_bytes for s in inside) / 2**20,
-            )
+                server_cpu_ms_per_email=server["server_cpu_s"] / (hi - lo) * 1000,
+                wal_kb_per_email=server["wal_bytes"] / (hi - lo) / 1024,
+                checkpoints=round(server["checkpoints"]),
+            )  # fmt: skip
         )
     return out
 
@@ -350,13 +403,15 @@ def report(r: SoakResult) -> str:
     rows = tenths(r)
     per_m = 1_000_000 / (r.emails * r.per)
     mib = 2**20
+    server = any(s.wal_bytes for s in r.samples)
     lines = [
         f"## {r.backend}: {r.emails} emails of {r.per} ({r.emails * r.per} recipients)"
         f" in {r.finished - r.started:.0f} s",
         "",
         "| tenth | emails/s (Nots) | recipients/s (SMS at provider) | intake 250/s of sending"
-        " | intake p99 | daemon CPU per email | RSS intake | RSS worker | store on disk |",
-        "|---|---|---|---|---|---|---|---|---|",
+        " | intake p99 | daemon CPU per email | RSS intake | RSS worker | store on disk |"
+        + (" PostgreSQL CPU per email | WAL per email | checkpoints |" if server else ""),
+        "|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if server else ""),
     ]
     for k, t in enumerate(rows, 1):
         lines.append(
@@ -364,6 +419,12 @@ def report(r: SoakResult) -> str:
             f" | {t.intake_p99_ms:.1f} ms | {t.cpu_ms_per_email:.1f} ms"
             f" | {t.rss_intake_mb:.0f} MB | {t.rss_worker_mb:.0f} MB"
             f" | {t.store_mb:.0f} MB |"
+            + (
+                f" {t.server_cpu_ms_per_email:.1f} ms | {t.wal_kb_per_email:.0f} KiB"
+                f" | {t.checkpoints} |"
+                if server
+                else ""
+            )
         )
     first, last = rows[0], rows[-1]
     drift = last.emails_s / first.emails_s - 1
@@ -407,6 +468,11 @@ def main() -> int:
         help="emails between their 250 and their Not (small against a tenth: each tenth's"
         " CPU is then the work of its own emails)",
     )  # fmt: skip
+    parser.add_argument(
+        "--pg-setting", action="append", default=[], metavar="NAME=VALUE",
+        help="a PostgreSQL server setting for the throwaway cluster (repeatable), e.g."
+        " max_wal_size=8GB",
+    )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="200 emails of 10 (smoke run)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
@@ -425,17 +491,22 @@ def main() -> int:
                 continue
             cluster = None
             dsn = None
+            probe = None
             if backend == "postgresql":
                 from tests.pg import PgCluster
 
-                cluster = PgCluster(fsync=True).start()
+                settings = dict(s.split("=", 1) for s in args.pg_setting)
+                cluster = PgCluster(fsync=True, settings=settings).start()
                 dsn = cluster.new_database()
+                probe = ServerProbe(dsn, cluster.postmaster_pid())
             try:
                 r = soak(
                     backend, emails=args.emails, per=args.per, window=args.window, tmp=tmp,
-                    provider=provider, sink=sink, arrivals=arrivals, dsn=dsn,
+                    provider=provider, sink=sink, arrivals=arrivals, dsn=dsn, server=probe,
                 )  # fmt: skip
             finally:
+                if probe is not None:
+                    probe.close()
                 if cluster is not None:
                     cluster.destroy()
             results.append(r)

@@ -34,7 +34,10 @@ def _free_port() -> int:
 
 
 class PgCluster:
-    def __init__(self, directory: Path | None = None, *, fsync: bool = False) -> None:
+    def __init__(
+        self, directory: Path | None = None, *, fsync: bool = False,
+        settings: dict[str, str] | None = None,
+    ) -> None:  # fmt: skip
         bin_dir = pg_bin()
         if bin_dir is None:
             raise RuntimeError("PostgreSQL is not installed (scripts/test.sh installs it)")
@@ -47,6 +50,7 @@ class PgCluster:
         self.as_postgres = os.geteuid() == 0
         self.log = self.dir / "pg.log"
         self.fsync = fsync  # off for tests; on for benchmarks (a commit then costs its fsync)
+        self.settings = settings or {}  # more `-c name=value` (benchmarks: as an operator tunes)
 
     def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         command = [str(self.bin / args[0]), *args[1:]]
@@ -73,7 +77,7 @@ class PgCluster:
             f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1"
             f" -c fsync={'on' if self.fsync else 'off'}"
             " -c max_connections=200 -c shared_buffers=64MB"
-        )
+        ) + "".join(f" -c {name}={value}" for name, value in self.settings.items())
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "start")
         return self
 
@@ -83,6 +87,10 @@ class PgCluster:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+    def postmaster_pid(self) -> int:
+        """The server's main process (its children are the backends and helpers)."""
+        return int((self.data / "postmaster.pid").read_text().split()[0])
 
     def dsn(self, database: str = "postgres") -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
