@@ -132,7 +132,7 @@ def worker_pid(daemon: Proc) -> int:
 
 class StoreSize:
     """The store's size: on disk while running (SQLite file + WAL, PostgreSQL's
-    database), and the bytes its rows take (pages in use, size after VACUUM)."""
+    database), and the bytes its rows take (pages in use, size after VACUUM FULL)."""
 
     def __init__(self, *, sqlite_path: Path | None = None, dsn: str | None = None) -> None:
         self.sqlite_path = sqlite_path
@@ -156,7 +156,9 @@ class StoreSize:
                 pages = int(one("PRAGMA page_count").fetchone()[0])
                 free = int(one("PRAGMA freelist_count").fetchone()[0])
                 return (pages - free) * int(one("PRAGMA page_size").fetchone()[0])
-        return self._pg("VACUUM", "SELECT pg_database_size(current_database())")
+        # VACUUM FULL: the rows compacted, as SQLite's pages in use (a plain VACUUM
+        # frees dead rows' space for reuse but keeps the files' size).
+        return self._pg("VACUUM FULL", "SELECT pg_database_size(current_database())")
 
     def _pg(self, *statements: str) -> int:
         import psycopg
