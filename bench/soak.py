@@ -401,6 +401,18 @@ def tenths(r: SoakResult) -> list[Tenth]:
     return out
 
 
+def server_line(first: Tenth, last: Tenth, rows: list[Tenth]) -> str:
+    """The whole machine's work per email (daemon and PostgreSQL), first and last tenth."""
+    a = first.cpu_ms_per_email + first.server_cpu_ms_per_email
+    b = last.cpu_ms_per_email + last.server_cpu_ms_per_email
+    return (
+        f"- daemon + PostgreSQL CPU per email, first/last tenth: {a:.1f} / {b:.1f} ms"
+        f" ({b / a - 1:+.0%}); WAL {first.wal_kb_per_email:.0f} /"
+        f" {last.wal_kb_per_email:.0f} KiB per email;"
+        f" {sum(t.checkpoints for t in rows)} checkpoints in the run"
+    )
+
+
 def report(r: SoakResult) -> str:
     rows = tenths(r)
     per_m = 1_000_000 / (r.emails * r.per)
@@ -436,6 +448,7 @@ def report(r: SoakResult) -> str:
         f" {last.sms_s / first.sms_s - 1:+.0%}, CPU per email"
         f" {last.cpu_ms_per_email / first.cpu_ms_per_email - 1:+.0%}"
         f" ({'flat' if abs(drift) <= 0.10 else 'NOT flat'}: within 10 %?)",
+        *([server_line(first, last, rows)] if server else []),
         f"- peak RSS (VmHWM): intake {r.hwm_intake_mb:.0f} MB, worker {r.hwm_worker_mb:.0f} MB;"
         f" RSS first/last tenth: intake {first.rss_intake_mb:.0f}/{last.rss_intake_mb:.0f} MB,"
         f" worker {first.rss_worker_mb:.0f}/{last.rss_worker_mb:.0f} MB",
