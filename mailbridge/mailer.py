@@ -34,7 +34,14 @@ from mailbridge.clock import Clock, nap
 from mailbridge.config import RelayConfig, ReportsConfig
 from mailbridge.logs import request_fields, request_tag
 from mailbridge.model import ReportData, ReportJob
-from mailbridge.relay import Outcome, Outgoing, RelayConnection, RelayUnavailable, ReportRefused
+from mailbridge.relay import (
+    Accepted,
+    Outcome,
+    Outgoing,
+    RelayConnection,
+    RelayUnavailable,
+    ReportRefused,
+)
 from mailbridge.report import Rendered, ReplyContent, ReportRenderer, compose_mail
 from mailbridge.store import Store, StoreUnavailable
 
@@ -44,6 +51,9 @@ log = logging.getLogger(__name__)
 CLAIM_BATCH = 200
 LEASE_S = 300.0
 MAILDIR_PARALLEL = 4  # file writes in flight (each fsyncs; threads overlap them)
+# Reports a relay has taken that a lane may hold unrecorded while a `sent` mark
+# is being committed: a crash repeats at most 2 x this many per connection.
+MAX_UNMARKED = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,8 +67,12 @@ class Letter:
 class ReportSink(Protocol):
     parallel: int  # lanes the sink takes at once
 
-    async def deliver_lane(self, letters: Sequence[Letter], envelope_from: str) -> list[Outcome]:
-        """Deliver `letters` in order; one outcome each (None: delivered)."""
+    async def deliver_lane(
+        self, letters: Sequence[Letter], envelope_from: str, on_delivered: Accepted | None = None
+    ) -> list[Outcome]:
+        """Deliver `letters` in order; one outcome each (None: delivered).
+        A sink that can repeat a letter after a crash awaits `on_delivered(i)`
+        as soon as letter i is delivered."""
         ...
 
     async def aclose(self) -> None: ...
@@ -113,7 +127,10 @@ class MaildirSink:
                 outcomes.append(RelayUnavailable(f"Maildir: {err}"))
         return outcomes
 
-    async def deliver_lane(self, letters: Sequence[Letter], envelope_from: str) -> list[Outcome]:
+    async def deliver_lane(
+        self, letters: Sequence[Letter], envelope_from: str, on_delivered: Accepted | None = None
+    ) -> list[Outcome]:
+        # No on_delivered: a file already in new/ or cur/ is not written twice.
         return await asyncio.to_thread(self._write_all, letters)
 
     async def aclose(self) -> None:
@@ -140,13 +157,15 @@ class SmtpRelaySink:
         self._open.add(conn)
         return conn
 
-    async def deliver_lane(self, letters: Sequence[Letter], envelope_from: str) -> list[Outcome]:
+    async def deliver_lane(
+        self, letters: Sequence[Letter], envelope_from: str, on_delivered: Accepted | None = None
+    ) -> list[Outcome]:
         outgoing = [Outgoing(envelope_from, letter.job.to_addr, letter.mail) for letter in letters]
         conn = await self._idle.get()
         try:
             if conn is not None and conn.usable:
                 before = conn.answered
-                outcomes = await conn.send(outgoing)
+                outcomes = await conn.send(outgoing, on_delivered)
                 if conn.answered > before or conn.usable:
                     return outcomes
                 # The relay closed the warm connection as we wrote (not one reply):
@@ -158,7 +177,7 @@ class SmtpRelaySink:
             except (OSError, TimeoutError, aiosmtplib.SMTPException, RelayUnavailable) as err:
                 failed = RelayUnavailable(f"cannot connect to the relay: {err}")
                 return [failed] * len(letters)
-            return await conn.send(outgoing)
+            return await conn.send(outgoing, on_delivered)
         finally:
             if conn is not None and not conn.usable:
                 self._forget(conn)
@@ -174,6 +193,57 @@ class SmtpRelaySink:
         for conn in list(self._open):
             await conn.quit()
         self._open.clear()
+
+
+class SentMarks:
+    """`sent` marks of one lane, recorded while the lane goes on.
+
+    One store call in flight at a time; the reports delivered meanwhile wait
+    for the next (group commit makes it cheap), and the lane pauses once
+    MAX_UNMARKED wait. So a crash (a kill between the relay's 250 and the
+    commit) repeats at most 2 x MAX_UNMARKED reports of a lane, not the whole
+    lane, and pipelining still overlaps commits with the relay's round trips.
+    """
+
+    def __init__(self, store: Store, clock: Clock) -> None:
+        self.store = store
+        self.clock = clock
+        self._waiting: list[int] = []
+        self._added: set[int] = set()
+        self._flight: asyncio.Future[None] | None = None
+
+    async def add(self, report_id: int) -> None:
+        """Report `report_id` was delivered: record it now or with the next call."""
+        self._waiting.append(report_id)
+        self._added.add(report_id)
+        if self._flight is not None and not self._flight.done():
+            if len(self._waiting) < MAX_UNMARKED:
+                return
+        await self._land()
+        self._start(self._waiting)
+        self._waiting = []
+
+    async def finish(self, sent: Sequence[int]) -> None:
+        """The lane is over: record whatever of `sent` is not recorded yet."""
+        await self._land()
+        rest = self._waiting + [i for i in sent if i not in self._added]
+        self._waiting = []
+        if rest:
+            await self.store.reports_sent(rest, self.clock.time())
+
+    async def abandon(self) -> None:
+        """The lane failed: let the call in flight end (its error is the lane's own)."""
+        if self._flight is not None:
+            await asyncio.gather(self._flight, return_exceptions=True)
+            self._flight = None
+
+    def _start(self, report_ids: list[int]) -> None:
+        self._flight = asyncio.ensure_future(self.store.reports_sent(report_ids, self.clock.time()))
+
+    async def _land(self) -> None:
+        if self._flight is not None:
+            flight, self._flight = self._flight, None
+            await flight  # StoreUnavailable stops the lane
 
 
 def make_sink(config: ReportsConfig, instance_id: str) -> ReportSink:
@@ -238,12 +308,22 @@ class Mailer:
         return Letter(job, mail)
 
     async def _deliver_lane(self, lane: list[Letter], data: dict[int, ReportData]) -> int:
-        """Deliver one lane; mark what was sent in one store call; return how many."""
-        outcomes = await self.sink.deliver_lane(lane, self.config.envelope_from)
+        """Deliver one lane, marking reports sent as the sink delivers them
+        (SentMarks); return how many were sent."""
+        marks = SentMarks(self.store, self.clock)
+
+        async def delivered(i: int) -> None:
+            await marks.add(lane[i].job.id)
+
+        try:
+            outcomes = await self.sink.deliver_lane(lane, self.config.envelope_from, delivered)
+        except BaseException:
+            await marks.abandon()
+            raise
         pairs = list(zip(lane, outcomes, strict=True))
         sent = [letter.job for letter, outcome in pairs if outcome is None]
+        await marks.finish([job.id for job in sent])
         if sent:
-            await self.store.reports_sent([job.id for job in sent], self.clock.time())
             if log.isEnabledFor(logging.INFO):
                 for job in sent:
                     email_id = data[job.request_id].email_id

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -63,6 +63,8 @@ class Outgoing:
 # What a report's transaction came to: None when the relay took it (250), else
 # the error (ReportRefused: for good; RelayUnavailable: try again later).
 Outcome = Exception | None
+# Told the index of each letter the relay has taken, as soon as it has (RelayConnection.send).
+Accepted = Callable[[int], Awaitable[None]]
 
 
 def wire_message(mail: bytes) -> bytes:
@@ -312,11 +314,17 @@ class RelayConnection(asyncio.Protocol):
         rcpt = b"RCPT TO:" + _address(letter.recipient, utf8)
         return [mail_from + b"\r\n", rcpt + b"\r\n", b"DATA\r\n"]
 
-    async def send(self, letters: Sequence[Outgoing]) -> list[Outcome]:
+    async def send(
+        self, letters: Sequence[Outgoing], on_accepted: Accepted | None = None
+    ) -> list[Outcome]:
         """Send `letters` in order on this connection; one outcome each.
 
-        Raises nothing for the relay's answers: a connection that fails
-        midway gives its error to every letter still without a reply."""
+        `on_accepted(i)` is awaited as soon as the relay has taken letter i (its
+        250 after the data), before the next letter's data goes: the caller can
+        record it then, so that a crash repeats only what it had not recorded.
+        Raises nothing for the relay's answers (but what `on_accepted` raises):
+        a connection that fails midway gives its error to every letter still
+        without a reply."""
         outcomes: list[Outcome] = [None] * len(letters)
         unanswered = set(range(len(letters)))
         content: tuple[int | None, bytes] | None = None  # (letter, its DATA content)
@@ -340,7 +348,9 @@ class RelayConnection(asyncio.Protocol):
                 start = len(chunks)
                 replies = iter(await self._round(chunks + envelope, start))
                 if content is not None:
-                    self._settle(content[0], self._next(replies), outcomes, unanswered)
+                    await self._settle(
+                        content[0], self._next(replies), outcomes, unanswered, on_accepted
+                    )
                 if reset:
                     self._expect(self._next(replies), 250, "RSET")
                 content, reset = self._envelope_outcome(
@@ -348,7 +358,9 @@ class RelayConnection(asyncio.Protocol):
                 )
             if content is not None:
                 replies = iter(await self._round([content[1]], 1))
-                self._settle(content[0], self._next(replies), outcomes, unanswered)
+                await self._settle(
+                    content[0], self._next(replies), outcomes, unanswered, on_accepted
+                )
         except RelayUnavailable as err:
             self._fail(err)
             for i in unanswered:
@@ -387,15 +399,18 @@ class RelayConnection(asyncio.Protocol):
             return (None, b".\r\n"), False
         return None, True
 
-    def _settle(
-        self, i: int | None, reply: Reply, outcomes: list[Outcome], unanswered: set[int]
-    ) -> None:
+    async def _settle(
+        self, i: int | None, reply: Reply, outcomes: list[Outcome], unanswered: set[int],
+        on_accepted: Accepted | None,
+    ) -> None:  # fmt: skip
         if reply.code == 421:
             raise RelayUnavailable(f"{reply.code} {reply.text}")
         if i is None:
             return  # the empty message after a refused RCPT
         outcomes[i] = None if reply.code == 250 else _error(reply)
         unanswered.discard(i)
+        if on_accepted is not None and reply.code == 250:
+            await on_accepted(i)
 
     def _expect(self, reply: Reply, code: int, what: str) -> None:
         if reply.code != code:

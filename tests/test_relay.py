@@ -231,6 +231,26 @@ async def test_a_group_is_pipelined_and_each_message_arrives_intact() -> None:
     assert any(b"\r\n.\r\nMAIL FROM:<>" in c for c in relay.chunks)
 
 
+async def test_each_taken_letter_is_told_before_the_next_content_goes() -> None:
+    # The mailer records `sent` there: a crash then repeats only what it had not
+    # recorded, not the whole group (mailer.SentMarks).
+    relay, server = await serve(Script(rcpt={"r1@client.test": "550 5.1.1 no such user"}))
+    told: list[tuple[int, int]] = []  # (letter, messages the relay had by then)
+
+    async def accepted(i: int) -> None:
+        told.append((i, len(relay.received)))
+
+    conn = await RelayConnection.open(relay.config())
+    try:
+        letters = [letter(f"r{i}@client.test") for i in range(4)]
+        outcomes = await conn.send(letters, accepted)
+    finally:
+        await conn.quit()
+        server.close()
+    assert kinds(outcomes) == ["sent", "ReportRefused", "sent", "sent"]
+    assert told == [(0, 1), (2, 2), (3, 3)]  # refused r1 is never told
+
+
 async def test_a_refused_recipient_fails_its_report_only() -> None:
     script = Script(
         rcpt={"gone@client.test": "550 5.1.1 no such user", "busy@client.test": "451 4.3.0 later"}
