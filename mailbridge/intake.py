@@ -56,6 +56,7 @@ from mailbridge.plain import (
     plain_request,
     plain_text,
 )
+from mailbridge.smtp_data import ChunkedDataMixin
 from mailbridge.store import Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -127,8 +128,9 @@ class Examined:
 _PLAIN_ANGLE_ADDR = re.compile(rf"\s*<({BARE_ADDRESS})>\s*(|[^(\s].*)", re.DOTALL)
 
 
-class IntakeSMTP(SMTP):
-    """aiosmtpd's SMTP with our replies, a connection gate and a timeout reply.
+class IntakeSMTP(ChunkedDataMixin, SMTP):
+    """aiosmtpd's SMTP with our replies, a connection gate and a timeout reply;
+    DATA read in chunks (mailbridge.smtp_data).
 
     The gate counts a connection once, when it is let in: after STARTTLS,
     aiosmtpd calls connection_made a second time, for the TLS layer (counting
