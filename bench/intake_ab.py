@@ -81,12 +81,14 @@ def main() -> int:
         for side in ("old", "new"):
             each = ", ".join(f"{c * 1e6:.0f}" for c in cpu[(side, conns)])
             med = statistics.median(cpu[(side, conns)]) * 1e6
-            r = statistics.median(rate[(side, conns)])
+            msgs = statistics.median(rate[(side, conns)])
             ratio = statistics.median(
                 a / b for a, b in zip(rate[(side, conns)], rate[("bare", conns)], strict=True)
             )
             q = statistics.median(p99[(side, conns)]) * 1e3
-            print(f"| {side} | {conns} | {each} | {med:.0f} | {r:.0f} | {ratio:.2f} | {q:.1f} ms |")
+            print(
+                f"| {side} | {conns} | {each} | {med:.0f} | {msgs:.0f} | {ratio:.2f} | {q:.1f} ms |"
+            )
     return 0
 
 
