@@ -11,6 +11,7 @@ longer called would make an override silently dead.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import inspect
 
 import aiosmtpd
@@ -20,6 +21,7 @@ from aiosmtpd.smtp import SMTP, Session
 
 from mailbridge.auth import IntakeSession
 from mailbridge.intake import IntakeSMTP
+from mailbridge.smtp_data import ChunkedDataMixin
 
 SOURCE = inspect.getsource(aiosmtpd.smtp)
 
@@ -79,3 +81,29 @@ def test_intake_overrides_exist_on_the_base() -> None:
     ours = {"_arm_timer", "_idle_timer"}  # helpers of our own, not overrides
     missing = [n for n in overrides if n not in ours and not hasattr(SMTP, n)]
     assert missing == [], f"IntakeSMTP overrides what aiosmtpd no longer has: {missing}"
+
+
+# aiosmtpd 1.4.6's SMTP.smtp_DATA: mailbridge.smtp_data replaces it with the
+# same dialogue read in chunks (its rules are written out in that module).
+SMTP_DATA_SHA256 = "3a33f30d3fd6d02f39c7d78a08288bffea9170525b62e2161568041ae7e018df"
+
+
+def test_smtp_data_is_the_one_replaced() -> None:
+    source = inspect.getsource(SMTP.smtp_DATA)
+    assert hashlib.sha256(source.encode()).hexdigest() == SMTP_DATA_SHA256, (
+        "aiosmtpd's smtp_DATA changed: re-read mailbridge/smtp_data.py against it"
+        " (tests/test_smtp_data.py compares both), then update the hash"
+    )
+    assert IntakeSMTP.smtp_DATA is ChunkedDataMixin.smtp_DATA
+
+
+def test_stream_reader_buffer_for_the_peek() -> None:
+    """ChunkedDataMixin peeks at StreamReader._buffer (read only) after a line."""
+    loop = asyncio.new_event_loop()
+    try:
+        reader = asyncio.StreamReader(loop=loop)
+        reader.feed_data(b"a\r\n.\r\n")
+        assert isinstance(reader._buffer, bytearray)  # type: ignore[attr-defined]
+        assert bytes(reader._buffer) == b"a\r\n.\r\n"  # type: ignore[attr-defined]
+    finally:
+        loop.close()
