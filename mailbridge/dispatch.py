@@ -276,13 +276,22 @@ class Dispatcher:
         by_id = {c.id: c for c in claims}
         self._held.update(by_id)
         try:
+            # Where each request's last page ended: the next page reads on from there.
+            after: dict[int, int] = {}
             while True:
                 for request_id in self._lost & set(by_id):
                     del by_id[request_id]  # another instance has it now
                 now = self.clock.time()
-                pending = await self.store.pending_recipients(list(by_id), now, PAGE)
+                pending = await self.store.pending_recipients(list(by_id), now, PAGE, after)
                 if not pending:
-                    break
+                    if not after:
+                        break
+                    # One more look from the start: recipients of earlier pages due
+                    # again now (a failover, a probe's wait) go in this pass too.
+                    after = {}
+                    continue
+                for rcpt in pending:
+                    after[rcpt.request_id] = rcpt.idx  # by idx within a request: the last wins
                 await self._send_page(by_id, pending)
             done = await self.store.finish_if_done(list(by_id), self.clock.time())
             for request_id in done:

@@ -14,7 +14,7 @@ it, nothing in between.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -89,10 +89,16 @@ class Store(Protocol):
         ...
 
     async def pending_recipients(
-        self, request_ids: Sequence[int], now: float, limit: int
+        self,
+        request_ids: Sequence[int],
+        now: float,
+        limit: int,
+        after: Mapping[int, int] | None = None,
     ) -> list[PendingRecipient]:
         """Recipients of these requests without a code whose retry time has come,
-        by request then index; at most `limit`."""
+        by request then index; at most `limit`. With `after` (request id -> idx),
+        only those past that idx in their request: a page read continues where
+        the last one ended instead of stepping over the finished rows again."""
         ...
 
     async def mark_submitting(

@@ -22,7 +22,7 @@ live here and nowhere else:
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from mailbridge.model import (
@@ -217,17 +217,23 @@ def next_due(tx: Tx) -> float | None:
 
 
 def pending_recipients(
-    tx: Tx, request_ids: Sequence[int], now: float, limit: int
+    tx: Tx,
+    request_ids: Sequence[int],
+    now: float,
+    limit: int,
+    after: Mapping[int, int] | None = None,
 ) -> list[PendingRecipient]:
     rows: list[Any] = []
     for request_id in request_ids:
         if len(rows) >= limit:
             break
+        # From `after` on, by the primary key: the finished rows before it are not read.
         rows += tx.all(
             "SELECT request_id, idx, number, text, encoding, parts, max_parts,"
             " provider_index, attempts, in_doubt + submitting FROM recipients"
-            " WHERE request_id = ? AND code IS NULL AND due_at <= ? ORDER BY idx LIMIT ?",
-            (request_id, now, limit - len(rows)),
+            " WHERE request_id = ? AND idx > ? AND code IS NULL AND due_at <= ?"
+            " ORDER BY idx LIMIT ?",
+            (request_id, (after or {}).get(request_id, 0), now, limit - len(rows)),
         )
     # The columns are PendingRecipient's fields in order: no per-field copy.
     return [PendingRecipient._make(r) for r in rows]

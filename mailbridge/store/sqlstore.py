@@ -13,7 +13,7 @@ import asyncio
 import os
 import secrets
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 from mailbridge.feedback import FeedbackPass, FeedbackRules
@@ -128,9 +128,13 @@ class SqlStore:
         return await self._read(q.next_due)
 
     async def pending_recipients(
-        self, request_ids: Sequence[int], now: float, limit: int
+        self,
+        request_ids: Sequence[int],
+        now: float,
+        limit: int,
+        after: Mapping[int, int] | None = None,
     ) -> list[PendingRecipient]:
-        return await self._read(lambda tx: q.pending_recipients(tx, request_ids, now, limit))
+        return await self._read(lambda tx: q.pending_recipients(tx, request_ids, now, limit, after))
 
     async def mark_submitting(
         self, recipients: Sequence[tuple[int, int]], provider: str, lease_s: float
