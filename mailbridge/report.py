@@ -11,10 +11,11 @@ recognise a report delivered twice.
 from __future__ import annotations
 
 import math
+import os
 import re
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from email.header import Header
@@ -126,6 +127,52 @@ class Skeleton:
 
 # Stand-ins for values while a skeleton renders (no & < >, nothing a value holds).
 _MARKERS = {"email_id": "\x00email_id\x00", "tel": "\x00tel\x00"}
+_ROW_N = "\x00n\x00"  # a Not row's number, where the numbered form writes it
+
+
+class _NoSkeleton(Exception):
+    """The template's rows cannot be cut out as skeletons: jinja2 renders it all."""
+
+
+class _NotForm:
+    """A multi-row Not of one form (numbered or single) as skeletons: the document
+    around the rows (emailId filled in), and per code one row as a format string
+    of its number ({0}) and its escaped tel ({1}). Rendered from the template
+    (rows=[] and one row per code), so each piece is jinja2's own output."""
+
+    def __init__(self, template: jinja2.Template, numbered: bool) -> None:
+        self._template = template
+        self._numbered = numbered
+        self._empty = template.render(email_id=_MARKERS["email_id"], numbered=numbered, rows=[])
+        self._split: int | None = None  # where the rows go in `_empty`
+        self.rows: dict[int, Callable[[int, str], str]] = {}  # code -> its row's str.format
+        # The document before and after the rows; split where they go by the first row.
+        self.head, self.tail = Skeleton(self._empty, _MARKERS), Skeleton("", _MARKERS)
+
+    def row(self, code: int) -> Callable[[int, str], str]:
+        """The format of a row of `code` (rendered once per code)."""
+        one = self._template.render(
+            email_id=_MARKERS["email_id"],
+            numbered=self._numbered,
+            rows=[NotRow(_ROW_N, _MARKERS["tel"], code, not_message(code))],  # type: ignore[arg-type]
+        )
+        if self._split is None:
+            # The rows go where the two renderings part (any point of a common
+            # stretch gives the same documents: the row is then only rotated).
+            common = os.path.commonprefix([self._empty, one])
+            self._split = len(common)
+            self.head = Skeleton(self._empty[: self._split], _MARKERS)
+            self.tail = Skeleton(self._empty[self._split :], _MARKERS)
+        head, tail = self._empty[: self._split], self._empty[self._split :]
+        if not (one.startswith(head) and one.endswith(tail)) or len(one) < len(self._empty):
+            raise _NoSkeleton("not.xml.j2: a row is not a stretch of its own")
+        text = one[len(head) : len(one) - len(tail)]
+        if _MARKERS["email_id"] in text:
+            raise _NoSkeleton("not.xml.j2: a row writes the emailId")
+        braces = text.replace("{", "{{").replace("}", "}}")
+        fmt = braces.replace(_ROW_N, "{0}").replace(_MARKERS["tel"], "{1}").format
+        self.rows[code] = fmt
+        return fmt
 
 
 def paris_time(timestamp: float) -> str:
@@ -156,6 +203,8 @@ class ReportRenderer:
         # once: most reports are these, and jinja2's per-render cost is most of theirs.
         self._ack_skeletons: dict[int, Skeleton] = {}
         self._not_skeletons: dict[tuple[bool, int], Skeleton] = {}
+        # Nots of several rows (numX, CSV) from a row skeleton per code.
+        self._not_forms: dict[bool, _NotForm] = {}
 
     def ack_body(self, email_id: str | None, code: int) -> bytes:
         """The etatAck document; `?` stands for a missing emailId."""
@@ -179,9 +228,24 @@ class ReportRenderer:
                 )
                 skeleton = self._not_skeletons[(data.numbered, code)] = Skeleton(text, _MARKERS)
             return skeleton.fill({"email_id": data.email_id or "?", "tel": tel})
-        return self._not_body(data)
+        form = self._not_forms.get(data.numbered)
+        if form is None:
+            form = self._not_forms[data.numbered] = _NotForm(self._not, data.numbered)
+        formats, new_row = form.rows, form.row
+        out = []
+        try:
+            for n, (tel, code) in enumerate(data.rows, start=1):
+                fmt = formats.get(code) or new_row(code)
+                if not tel.isdigit():  # digits need no escaping: most tels skip xml_text
+                    tel = xml_text(tel)
+                out.append(fmt(n, tel))
+        except _NoSkeleton:
+            return self._not_body(data)
+        values = {"email_id": data.email_id or "?"}
+        return form.head.fill(values) + _latin1("".join(out)) + form.tail.fill(values)
 
     def _not_body(self, data: ReportData) -> bytes:
+        """The etatNot document by jinja2 alone (the reference the skeletons match)."""
 
         def rows() -> Iterator[NotRow]:
             for n, (tel, code) in enumerate(data.rows, start=1):

@@ -247,3 +247,41 @@ def test_one_row_not_skeleton_is_the_template(
 @given(st.floats(min_value=0, max_value=4_102_444_800, allow_nan=False))
 def test_report_date_is_format_datetime(timestamp: float) -> None:
     assert rfc5322_date(timestamp) == format_datetime(datetime.fromtimestamp(timestamp, UTC))
+
+
+_CODES = sorted(NOT_MESSAGES) + [5, 42, 1000]  # every code, and codes the table lacks (999's text)
+
+
+@given(
+    email_id=_VALUES | st.none(),
+    rows=st.lists(st.tuples(_VALUES, st.sampled_from(_CODES)), max_size=40),
+    numbered=st.booleans(),
+)
+@settings(max_examples=200, deadline=None)
+def test_many_row_not_skeleton_is_the_template(
+    email_id: str | None, rows: list[tuple[str, int]], numbered: bool
+) -> None:
+    """Any number of rows (0 and 1 too), any tel (& < >, markers, non-ASCII), every code."""
+    data = ReportData(email_id=email_id, ack_code=0, numbered=numbered, rows=rows, in_reply_to=None)
+    assert _RENDERER.not_body(data) == _jinja_not(_RENDERER, data)
+
+
+@pytest.mark.parametrize("numbered", [True, False])
+def test_large_not_skeleton_is_the_template(numbered: bool) -> None:
+    """A CSV-sized Not of every code in turn, with tels of XML specials and outside Latin-1."""
+    tels = ["0601020304", "a&b<c>d", "Заказ", "é\u20ac", "{0}{1}}{", "\x00n\x00", ""]
+    rows = [(tels[i % len(tels)] + str(i), _CODES[i % len(_CODES)]) for i in range(3000)]
+    data = ReportData(email_id="a&<>é", ack_code=0, numbered=numbered, rows=rows, in_reply_to=None)
+    fresh = ReportRenderer()  # its row skeletons built by this request alone
+    assert fresh.not_body(data) == _jinja_not(fresh, data)
+    assert fresh.not_body(data) == _jinja_not(fresh, data)  # from the cache too
+    empty = ReportData(email_id=None, ack_code=0, numbered=numbered, rows=[], in_reply_to=None)
+    assert fresh.not_body(empty) == _jinja_not(fresh, empty)  # after its rows were cut
+
+
+def test_not_without_rows_before_any_row_skeleton() -> None:
+    """No rows, on a renderer that never cut a row: the document alone, once."""
+    for numbered in (True, False):
+        fresh = ReportRenderer()
+        data = ReportData(email_id="1", ack_code=0, numbered=numbered, rows=[], in_reply_to=None)
+        assert fresh.not_body(data) == _jinja_not(fresh, data)
