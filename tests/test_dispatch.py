@@ -315,6 +315,25 @@ async def test_failover_to_the_next_provider_of_the_route_at_once(world: World) 
     )  # fmt: skip
 
 
+async def test_pages_read_on_and_failovers_of_earlier_pages_go_in_the_same_pass(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pages continue from where the last ended; recipients of an earlier page due
+    again at once (a failover) are still sent before the request is let go."""
+    monkeypatch.setattr("mailbridge.dispatch.PAGE", 3)
+    cm, smsmode = Recorder("cm", max_batch=2, script=[down()]), Recorder("smsmode")
+    world.build([cm, smsmode], provider_settings={"retry_attempts": 1, "retry_backoff_s": 1.0})
+    numbers = [f"+3361000000{i}" for i in range(7)]
+    rid = await world.submit(*numbers)
+    assert await world.run() == 1  # one claim: every recipient done in its pass
+    assert [n for call in cm.numbers() for n in call] == numbers
+    assert smsmode.numbers() == [numbers[:2]]  # the first call's two, failed over at once
+    rows = world.recipients(rid)
+    assert [r["code"] for r in rows] == [0] * 7
+    assert [r["provider"] for r in rows] == ["smsmode"] * 2 + ["cm"] * 5
+    assert world.request_state(rid) == "done"
+
+
 async def test_failover_resets_the_attempt_count_and_ends_with_the_last_error(
     world: World,
 ) -> None:
