@@ -43,7 +43,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 import orjson
@@ -103,11 +103,13 @@ def _lower(obj: Any) -> dict[str, Any]:
     return {str(k).lower(): v for k, v in obj.items()} if isinstance(obj, dict) else {}
 
 
-@dataclass(slots=True)
-class _Msg:
+class _Msg(NamedTuple):
+    """One `msg` object of a request (a NamedTuple: one per personal text)."""
+
     json: dict[str, Any]  # the `msg` object as sent; its `to` list grows with `items`
     reference: str | None  # what its messages were sent with (message_reference)
-    items: list[SmsMessage] = field(default_factory=list)
+    items: list[SmsMessage]
+    to: list[dict[str, str]]  # json["to"]
 
 
 @dataclass(slots=True)
@@ -116,6 +118,9 @@ class _Request:
     open: dict[_GroupKey, _Msg] = field(default_factory=dict)  # last msg of each group
     # match key -> (message, its msg)
     numbers: dict[str, tuple[SmsMessage, _Msg]] = field(default_factory=dict)
+    # `to` exactly as sent -> (message, its msg): CM echoes it, so answers match
+    # without normalising (numbers stays the rule: this is its shortcut)
+    sent: dict[str, tuple[SmsMessage, _Msg]] = field(default_factory=dict)
 
 
 CM_MAX_VALIDITY_S = 48 * 3600  # seed 000: "la période de validité maximale est de 48 heures"
@@ -150,19 +155,21 @@ class _Planner:
             self._references[key] = message_reference(m)
         return self._references[key]
 
-    def json(self, m: SmsMessage, reference: str | None) -> dict[str, Any]:
-        """A new `msg` object for `m`, `to` still empty (CM's field order kept)."""
-        head: dict[str, Any] = {} if m.sender is None else {"from": m.sender}
-        head["to"] = []
-        head["body"] = {"content": m.text}
-        head.update(self._tail(m, reference))
-        return head
+    def msg(self, m: SmsMessage, reference: str | None, expiry: int | None) -> _Msg:
+        """A new `msg` for `m`, `to` still empty (CM's field order kept)."""
+        to: list[dict[str, str]] = []
+        tail = self._tail(m, reference, expiry)
+        if m.sender is None:
+            head = {"to": to, "body": {"content": m.text}, **tail}
+        else:
+            head = {"from": m.sender, "to": to, "body": {"content": m.text}, **tail}
+        return _Msg(head, reference, [], to)
 
-    def _tail(self, m: SmsMessage, reference: str | None) -> dict[str, Any]:
+    def _tail(self, m: SmsMessage, reference: str | None, expiry: int | None) -> dict[str, Any]:
         # Never below the text's own count, so CM cannot cut a text we already cut to fit.
         most = max(m.max_parts, m.parts, 1)
         dcs = 8 if m.encoding == "ucs2" else 0
-        key = (dcs, reference, None if m.expires_at is None else int(m.expires_at), most)
+        key = (dcs, reference, expiry, most)
         tail = self._tails.get(key)
         if tail is None:
             tail = {"dcs": dcs}
@@ -188,33 +195,34 @@ def plan(batch: Sequence[SmsMessage]) -> list[_Request]:
     planner = _Planner()
     for m in batch:
         reference = planner.reference(m)
-        key: _GroupKey = (
-            m.sender, m.text, m.encoding, reference, m.max_parts,
-            None if m.expires_at is None else int(m.expires_at),
-        )  # fmt: skip
-        number = _match_key(m.to)
-        target: tuple[_Request, _Msg | None] | None = None
+        expiry = None if m.expires_at is None else int(m.expires_at)
+        key: _GroupKey = (m.sender, m.text, m.encoding, reference, m.max_parts, expiry)
+        to = m.to
+        number = to.strip().lstrip("+").lstrip("0")  # _match_key, inline: once per message
+        found: _Request | None = None
+        msg: _Msg | None = None
         for req in requests:
             if number in req.numbers:
                 continue
             msg = req.open.get(key)
             if msg is not None and len(msg.items) < MAX_TO_PER_MSG:
-                target = (req, msg)
+                found = req
                 break
+            msg = None
             if len(req.msgs) < MAX_MSG_PER_REQUEST:
-                target = (req, None)
+                found = req
                 break
-        if target is None:
-            requests.append(_Request())
-            target = (requests[-1], None)
-        req, msg = target
+        if found is None:
+            found = _Request()
+            requests.append(found)
         if msg is None:
-            msg = _Msg(planner.json(m, reference), reference)
-            req.msgs.append(msg)
-            req.open[key] = msg
+            msg = planner.msg(m, reference, expiry)
+            found.msgs.append(msg)
+            found.open[key] = msg
         msg.items.append(m)
-        msg.json["to"].append({"number": cm_number(m.to)})
-        req.numbers[number] = (m, msg)
+        sent = "00" + to[1:] if to.startswith("+") else to  # cm_number, inline
+        msg.to.append({"number": sent})
+        found.numbers[number] = found.sent[sent] = (m, msg)
     return requests
 
 
@@ -315,6 +323,7 @@ class CmProvider:
             return [Outcome(m.key, provider_code(kind), detail=detail) for m in _all(req)]
         results: dict[str, Outcome] = {}
         accepted: dict[Any, str] = {}  # parts -> the detail of an accepted message
+        sent, numbers, make = req.sent, req.numbers, Outcome._make
         for raw in entries:
             # CM's own spelling first; other casings through _lower (keys are
             # case-insensitive), which costs a dict per entry.
@@ -322,7 +331,10 @@ class CmProvider:
             if entry is None:
                 low = _lower(raw)
                 entry = {k: low.get(k.lower()) for k in _ENTRY_KEYS}
-            found = req.numbers.get(_match_key(str(entry.get("to") or "")))
+            to = entry.get("to")
+            found = sent.get(to) if isinstance(to, str) else None  # `to` as we sent it
+            if found is None:
+                found = numbers.get(_match_key(str(to or "")))
             if found is None or found[0].key in results:
                 continue
             m, msg = found
@@ -332,7 +344,8 @@ class CmProvider:
                 words = accepted.get(parts)
                 if words is None:
                     words = accepted[parts] = f"accepted, {parts} part(s)"
-                results[m.key] = Outcome(m.key, Code.SENT, msg.reference, words)
+                # _make: one per accepted message (Outcome's fields in order).
+                results[m.key] = make((m.key, Code.SENT, msg.reference, words, False, False))
             else:
                 err = entry.get("messageErrorCode")
                 words = entry.get("messageDetails") or entry.get("status") or "rejected"
