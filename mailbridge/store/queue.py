@@ -46,6 +46,8 @@ FENCE = "(claimed_by = ? OR claimed_by IS NULL)"
 
 def runs(idxs: list[int]) -> list[tuple[int, int]]:
     """Sorted runs of consecutive idx: [1, 2, 3, 7] -> [(1, 3), (7, 7)]."""
+    if idxs and idxs == list(range(idxs[0], idxs[0] + len(idxs))):
+        return [(idxs[0], idxs[-1])]  # already one run (the usual page): no loop
     out: list[tuple[int, int]] = []
     for idx in sorted(set(idxs)):
         if out and out[-1][1] == idx - 1:
@@ -278,13 +280,16 @@ def record_results(
     already set is kept (the first final word wins)."""
     # Recipients with the same outcome (500 numbers accepted by CM in one call)
     # are updated by runs of idx: one statement instead of one per recipient.
+    # Key: (request_id, (code, provider, provider_message_id, detail, due_at,
+    # provider_index, attempts), in doubt); the middle is a slice of the tuple.
     same: dict[tuple[Any, ...], list[int]] = {}
     for r in results:
-        key = (
-            r.code, r.provider, r.provider_message_id, r.detail, r.due_at, r.provider_index,
-            r.attempts, r.request_id, r.code is None and not r.unsent,
-        )  # fmt: skip
-        same.setdefault(key, []).append(r.idx)
+        key = (r[0], r[2:9], r[2] is None and not r[10])
+        idxs = same.get(key)
+        if idxs is None:
+            same[key] = [r[1]]
+        else:
+            idxs.append(r[1])
     tx.executemany(
         "UPDATE recipients SET code = ?, provider = coalesce(?, provider),"
         " provider_message_id = coalesce(?, provider_message_id), detail = ?, due_at = ?,"
@@ -295,28 +300,30 @@ def record_results(
         "  ELSE CAST(? AS DOUBLE PRECISION) END"
         " WHERE request_id = ? AND idx BETWEEN ? AND ? AND code IS NULL",
         (
-            (*key[:7], int(key[8]), key[0], now, key[7], first, last)
-            for key, idxs in same.items()
+            (*fields, int(doubt), fields[0], now, request_id, first, last)
+            for (request_id, fields, doubt), idxs in same.items()
             for first, last in runs(idxs)
         ),
     )
     counts: Counts = {}
     refunds: dict[int, int] = {}
     by_code: dict[tuple[str | None, int], int] = {}
-    for r in results:
-        if r.code is not None:
-            outcome = (r.provider, r.code)
-            by_code[outcome] = by_code.get(outcome, 0) + 1
-        if r.refund_parts:
-            refunds[r.request_id] = refunds.get(r.request_id, 0) + r.refund_parts
+    for (_, fields, _), idxs in same.items():  # per group, not per recipient
+        if fields[0] is not None:
+            outcome = (fields[1], fields[0])  # (provider, code)
+            by_code[outcome] = by_code.get(outcome, 0) + len(idxs)
+    for r in [r for r in results if r.refund_parts]:
+        refunds[r.request_id] = refunds.get(r.request_id, 0) + r.refund_parts
     for (provider, code), n in by_code.items():
         _count(counts, "mailbridge_sms_total", provider or "none", str(code), by=n)
     ev.observe_calls(counts, calls)
     ev.bump(tx, counts)
-    ev.record_parts(tx, results)
+    message_ids = {fields[2] for _, fields, _ in same}
+    if any(m and " " in m for m in message_ids):  # multipart ids (SMPP) only
+        ev.record_parts(tx, results)
     # A delivery report that came before its message id was recorded is due now
     # (a CM batch's messages share one id: each distinct id once).
-    ev.retry_waiting_events(tx, {r.provider_message_id for r in results}, now)
+    ev.retry_waiting_events(tx, message_ids, now)
     tx.executemany(
         "UPDATE credits SET used = CASE WHEN used > ? THEN used - ? ELSE 0 END"
         " WHERE account = (SELECT account FROM requests WHERE id = ?)",
