@@ -155,17 +155,8 @@ class _Planner:
             self._references[key] = message_reference(m)
         return self._references[key]
 
-    def msg(self, m: SmsMessage, reference: str | None, expiry: int | None) -> _Msg:
-        """A new `msg` for `m`, `to` still empty (CM's field order kept)."""
-        to: list[dict[str, str]] = []
-        tail = self._tail(m, reference, expiry)
-        if m.sender is None:
-            head = {"to": to, "body": {"content": m.text}, **tail}
-        else:
-            head = {"from": m.sender, "to": to, "body": {"content": m.text}, **tail}
-        return _Msg(head, reference, [], to)
-
-    def _tail(self, m: SmsMessage, reference: str | None, expiry: int | None) -> dict[str, Any]:
+    def tail(self, m: SmsMessage, reference: str | None, expiry: int | None) -> dict[str, Any]:
+        """The fields of `m`'s `msg` after its text (CM's order), shared by value."""
         # Never below the text's own count, so CM cannot cut a text we already cut to fit.
         most = max(m.max_parts, m.parts, 1)
         dcs = 8 if m.encoding == "ucs2" else 0
@@ -193,11 +184,29 @@ def plan(batch: Sequence[SmsMessage]) -> list[_Request]:
     """Split a batch into the fewest requests CM allows (first fit, batch order kept)."""
     requests: list[_Request] = []
     planner = _Planner()
+    # Consecutive messages mostly share their request, tracker and expiry: the
+    # last ones computed are reused while they match (no hashing per message).
+    last_tracker: str | None = None
+    last_base: str | None = None
+    last_reference: str | None = None
+    last_expires: float | None = None
+    last_expiry: int | None = None
+    last_shape: tuple[Any, ...] | None = None
+    tail: dict[str, Any] = {}
     for m in batch:
-        reference = planner.reference(m)
-        expiry = None if m.expires_at is None else int(m.expires_at)
-        key: _GroupKey = (m.sender, m.text, m.encoding, reference, m.max_parts, expiry)
-        to = m.to
+        # One unpacking, not an attribute lookup per field (SmsMessage's order).
+        key_, to, sender, text, encoding, parts, max_parts, tracker, _, _, expires_at = m
+        cut = key_.rfind("-")
+        base = key_[:cut] if cut >= 0 else ""  # key_.rpartition("-")[0]
+        if base != last_base or tracker != last_tracker or last_base is None:
+            last_reference = planner.reference(m)
+            last_base, last_tracker = base, tracker
+        reference = last_reference
+        if expires_at != last_expires or last_expiry is None:
+            last_expiry = None if expires_at is None else int(expires_at)
+            last_expires = expires_at
+        expiry = last_expiry
+        key: _GroupKey = (sender, text, encoding, reference, max_parts, expiry)
         number = to.strip().lstrip("+").lstrip("0")  # _match_key, inline: once per message
         found: _Request | None = None
         msg: _Msg | None = None
@@ -216,7 +225,16 @@ def plan(batch: Sequence[SmsMessage]) -> list[_Request]:
             found = _Request()
             requests.append(found)
         if msg is None:
-            msg = planner.msg(m, reference, expiry)
+            # A new `msg` (planner.msg inline: one per personal text).
+            shape = (encoding, reference, expiry, max_parts, parts)
+            if shape != last_shape:
+                tail, last_shape = planner.tail(m, reference, expiry), shape
+            tos: list[dict[str, str]] = []
+            if sender is None:
+                json = {"to": tos, "body": {"content": text}, **tail}
+            else:
+                json = {"from": sender, "to": tos, "body": {"content": text}, **tail}
+            msg = _Msg(json, reference, [], tos)
             found.msgs.append(msg)
             found.open[key] = msg
         msg.items.append(m)
