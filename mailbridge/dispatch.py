@@ -745,25 +745,28 @@ class Dispatcher:
         """The chunk's SMS; what a request's messages share is computed once."""
         shared: dict[int, tuple[str, float]] = {}  # request id -> (key prefix, expiry)
         messages = []
+        make = SmsMessage._make
         for claimed, r, _ in chunk:
             found = shared.get(claimed.id)
             if found is None:
                 prefix = f"mb{self.store.instance_id}-{claimed.id}{claimed.token}-"
                 found = shared[claimed.id] = (prefix, self._expires_at(claimed))
+            # One unpacking of the row (PendingRecipient's order), not a lookup per field.
+            _, idx, number, text, encoding, parts, max_parts, _, _, in_doubt = r
             # One per recipient: _make, a third of the keyword call's cost.
             messages.append(
-                SmsMessage._make(
+                make(
                     (
-                        found[0] + str(r.idx),  # key
-                        r.number,  # to
+                        found[0] + str(idx),  # key
+                        number,  # to
                         claimed.sender,
-                        r.text,
-                        r.encoding,
-                        r.parts,
-                        r.max_parts,
+                        text,
+                        encoding,
+                        parts,
+                        max_parts,
                         claimed.reference,
                         claimed.id,  # request_id
-                        bool(r.in_doubt),
+                        bool(in_doubt),
                         found[1],  # expires_at
                     )
                 )

@@ -341,7 +341,7 @@ class CmProvider:
             return [Outcome(m.key, provider_code(kind), detail=detail) for m in _all(req)]
         results: dict[str, Outcome] = {}
         accepted: dict[Any, str] = {}  # parts -> the detail of an accepted message
-        sent, numbers, make = req.sent, req.numbers, Outcome._make
+        sent, numbers, make, ok = req.sent, req.numbers, Outcome._make, Code.SENT
         for raw in entries:
             # CM's own spelling first; other casings through _lower (keys are
             # case-insensitive), which costs a dict per entry.
@@ -353,9 +353,12 @@ class CmProvider:
             found = sent.get(to) if isinstance(to, str) else None  # `to` as we sent it
             if found is None:
                 found = numbers.get(_match_key(str(to or "")))
-            if found is None or found[0].key in results:
+            if found is None:
                 continue
             m, msg = found
+            key = m.key
+            if key in results:
+                continue
             status_word = entry.get("status", "")
             if status_word == "Accepted" or str(status_word).lower() == "accepted":
                 parts = entry.get("parts")
@@ -363,7 +366,7 @@ class CmProvider:
                 if words is None:
                     words = accepted[parts] = f"accepted, {parts} part(s)"
                 # _make: one per accepted message (Outcome's fields in order).
-                results[m.key] = make((m.key, Code.SENT, msg.reference, words, False, False))
+                results[key] = make((key, ok, msg.reference, words, False, False))
             else:
                 err = entry.get("messageErrorCode")
                 words = entry.get("messageDetails") or entry.get("status") or "rejected"
