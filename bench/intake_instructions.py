@@ -57,13 +57,12 @@ async def serve_intake(mails: int) -> None:
     from mailbridge.cli import GC_THRESHOLDS
     from mailbridge.clock import SystemClock
     from mailbridge.config import parse_config
-    from mailbridge.intake import COMMAND_LIMITS, IntakeHandler, IntakeSMTP
-    from mailbridge.limits import ConnectionGate
+    from mailbridge.intake import IntakeHandler, smtp_protocol
 
     gc.set_threshold(*GC_THRESHOLDS)  # as the daemon runs
     tmp = Path(tempfile.mkdtemp(prefix="mb-instr-"))
     data = {  # bench/run.py's daemon: its account, its limits
-        "smtp": {"listen": "127.0.0.1:0", "recipients": [bench.INTAKE],
+        "smtp": {"listen": "127.0.0.1:0", "recipients": [bench.INTAKE], "hostname": "bench.test",
                  "max_message_bytes": 20_000_000},
         "store": {"sqlite": str(tmp / "unused.db")},
         "reports": {"from": "mailbridge@bridge.test", "smtp": {"host": "127.0.0.1", "port": 1}},
@@ -78,24 +77,8 @@ async def serve_intake(mails: int) -> None:
     done = asyncio.Event()
     store = InstantStore(mails, done)
     handler = IntakeHandler(config, build_rules(config), store, SystemClock(), lambda: None)  # type: ignore[arg-type]
-    gate = ConnectionGate(config.smtp.max_connections, config.smtp.max_connections_per_ip)
+    protocol = smtp_protocol(handler, config.smtp)  # the daemon's listener, TLS off
     loop = asyncio.get_running_loop()
-    smtp = config.smtp
-
-    def protocol() -> IntakeSMTP:
-        return IntakeSMTP(
-            handler,
-            gate,
-            data_size_limit=smtp.max_message_bytes,
-            enable_SMTPUTF8=True,
-            hostname="bench.test",
-            ident="mailbridge ESMTP",
-            timeout=smtp.timeout_s,
-            authenticator=handler.authenticator(),
-            auth_require_tls=True,
-            command_call_limit=COMMAND_LIMITS,
-            loop=loop,
-        )
 
     server = await loop.create_server(protocol, "127.0.0.1", 0)
     print(f"PORT {server.sockets[0].getsockname()[1]}", flush=True)

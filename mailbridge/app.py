@@ -470,33 +470,12 @@ class Daemon:
                 log.error("worker process: cannot restart: %s", err)
 
     async def _listen(self, handler: IntakeHandler) -> None:
-        from mailbridge.intake import COMMAND_LIMITS, IntakeSMTP
-        from mailbridge.limits import ConnectionGate
+        from mailbridge.intake import smtp_protocol
 
         smtp = self.config.smtp
         host, port = parse_hostport(smtp.listen)
-        context = tls_context(self.config)
-        gate = ConnectionGate(smtp.max_connections, smtp.max_connections_per_ip)
-        authenticator = handler.authenticator()
+        protocol = smtp_protocol(handler, smtp, tls=tls_context(self.config))
         loop = asyncio.get_running_loop()
-
-        def protocol() -> IntakeSMTP:
-            return IntakeSMTP(
-                handler,
-                gate,
-                data_size_limit=smtp.max_message_bytes,
-                enable_SMTPUTF8=True,
-                hostname=smtp.hostname,
-                ident="mailbridge ESMTP",
-                timeout=smtp.timeout_s,
-                tls_context=context,
-                require_starttls=bool(smtp.tls and smtp.tls.required),
-                authenticator=authenticator,
-                auth_require_tls=True,  # AUTH is neither offered nor accepted before STARTTLS
-                command_call_limit=COMMAND_LIMITS,
-                loop=loop,
-            )
-
         server = await loop.create_server(protocol, host, port)
         self._servers.append(server)
         for sock in server.sockets:

@@ -131,6 +131,28 @@ def _ids(ids: Iterable[int]) -> str:
     return f"{unique[0]}-{unique[-1]} ({len(unique)})"
 
 
+def final_result(
+    rcpt: PendingRecipient, provider: str, outcome: Outcome, now: float
+) -> RecipientResult:
+    """A provider's final word on one recipient (the path of every accepted SMS:
+    _make, a third of the keyword call's cost)."""
+    return RecipientResult._make(
+        (
+            rcpt.request_id,
+            rcpt.idx,
+            outcome.code,
+            provider,
+            outcome.provider_message_id,
+            outcome.detail,
+            now,  # due_at
+            rcpt.provider_index,
+            rcpt.attempts + 1,  # attempts
+            0 if outcome.code == 0 else rcpt.parts,  # refund_parts
+            False,  # unsent
+        )
+    )
+
+
 def backoff(base_s: float, attempt: int, jitter: float | None = None) -> float:
     """Delay before attempt `attempt + 1`: base doubling per attempt, ±20% jitter
     (one jitter per batch, so the recipients of a batch stay together)."""
@@ -637,31 +659,12 @@ class Dispatcher:
                         )
                         for m in messages
                     ]
-                decide, make, append = self._decide, RecipientResult._make, results.append
+                decide, append = self._decide, results.append
                 for item, outcome in zip(chunk, answers, strict=True):
                     if outcome.retry:
                         append(decide(name, item, outcome, now, jitter))
-                        continue
-                    rcpt = item.rcpt
-                    # The path of every accepted SMS (_decide's first case, inline):
-                    # _make, a third of the keyword call's cost.
-                    append(
-                        make(
-                            (
-                                rcpt.request_id,
-                                rcpt.idx,
-                                outcome.code,
-                                name,  # provider
-                                outcome.provider_message_id,
-                                outcome.detail,
-                                now,  # due_at
-                                rcpt.provider_index,
-                                rcpt.attempts + 1,  # attempts
-                                0 if outcome.code == 0 else rcpt.parts,  # refund_parts
-                                False,  # unsent
-                            )
-                        )
-                    )
+                    else:
+                        append(final_result(item.rcpt, name, outcome, now))  # _decide's first case
         await self.store.record_results(results, self.clock.time(), calls)
         self._log_call(name, group, len(chunk), results)
 
@@ -796,22 +799,7 @@ class Dispatcher:
         claimed, rcpt, route = item
         rid, idx = rcpt.request_id, rcpt.idx
         if not outcome.retry:
-            # The path of every accepted SMS: _make, a third of the keyword call's cost.
-            return RecipientResult._make(
-                (
-                    rid,  # request_id
-                    idx,
-                    outcome.code,
-                    name,  # provider
-                    outcome.provider_message_id,
-                    outcome.detail,
-                    now,  # due_at
-                    rcpt.provider_index,
-                    rcpt.attempts + 1,  # attempts
-                    0 if outcome.code == 0 else rcpt.parts,  # refund_parts
-                    False,  # unsent
-                )
-            )
+            return final_result(rcpt, name, outcome, now)
         attempts = rcpt.attempts + 1
         settings = self.provider_configs[name]
 

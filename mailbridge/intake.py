@@ -35,7 +35,7 @@ import logging
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
 
@@ -43,7 +43,7 @@ from mailbridge.auth import Authenticator, IntakeSession, find_account, session_
 from mailbridge.checks import AccountRules, CheckedRequest, check_request
 from mailbridge.clock import Clock
 from mailbridge.codes import Ack
-from mailbridge.config import AccountConfig, Config
+from mailbridge.config import AccountConfig, Config, SmtpConfig
 from mailbridge.envoi import Envoi, parse_envoi
 from mailbridge.limits import ConnectionGate, IntakeLimits, RateLimiter, client_key
 from mailbridge.logs import request_fields, request_tag
@@ -58,6 +58,9 @@ from mailbridge.plain import (
 )
 from mailbridge.smtp_data import ChunkedDataMixin
 from mailbridge.store import Store, StoreUnavailable
+
+if TYPE_CHECKING:
+    import ssl
 
 log = logging.getLogger(__name__)
 
@@ -667,3 +670,32 @@ class IntakeHandler:
             )  # fmt: skip
             return None
         return address
+
+
+def smtp_protocol(
+    handler: IntakeHandler, smtp: SmtpConfig, *, tls: ssl.SSLContext | None = None
+) -> Callable[[], IntakeSMTP]:
+    """The factory of the listener's protocol: one IntakeSMTP per connection, all
+    sharing one connection gate (smtp.max_connections, ..._per_ip)."""
+    gate = ConnectionGate(smtp.max_connections, smtp.max_connections_per_ip)
+    authenticator = handler.authenticator()
+    loop = asyncio.get_running_loop()
+
+    def protocol() -> IntakeSMTP:
+        return IntakeSMTP(
+            handler,
+            gate,
+            data_size_limit=smtp.max_message_bytes,
+            enable_SMTPUTF8=True,
+            hostname=smtp.hostname,
+            ident="mailbridge ESMTP",
+            timeout=smtp.timeout_s,
+            tls_context=tls,
+            require_starttls=bool(smtp.tls and smtp.tls.required),
+            authenticator=authenticator,
+            auth_require_tls=True,  # AUTH is neither offered nor accepted before STARTTLS
+            command_call_limit=COMMAND_LIMITS,
+            loop=loop,
+        )
+
+    return protocol
