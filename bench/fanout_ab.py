@@ -79,7 +79,7 @@ def cpu_by_process(daemon: bench.Proc) -> tuple[float, float]:
 def send_one(
     daemon: bench.Proc,
     provider: bench.Proc,
-    sink: bench.SinkLog | bench.SinkDir,
+    sink: bench.ReportArrivals,
     mail: bytes,
     email_id: str,
     expected: int,
@@ -123,7 +123,7 @@ def measure(
     side: Side,
     tmp: Path,
     provider: bench.Proc,
-    sink: tuple[bench.Proc, bench.SinkLog | bench.SinkDir],
+    sink: tuple[bench.Proc, bench.ReportArrivals],
     args: argparse.Namespace,
     figures: Figures,
 ) -> None:

@@ -27,8 +27,7 @@ from run import (  # noqa: E402
     INTAKE,
     SENDER,
     Proc,
-    SinkDir,
-    SinkLog,
+    ReportArrivals,
     machine,
     single_mails,
     start_daemon,
@@ -57,7 +56,7 @@ async def spread(ports: list[int], mails: list[bytes], connections: int) -> None
 
 
 def measure(
-    label: str, instances: list[Proc], mails: list[bytes], ids: list[str], sink: SinkLog | SinkDir
+    label: str, instances: list[Proc], mails: list[bytes], ids: list[str], sink: ReportArrivals
 ) -> float:
     start = time.time()
     asyncio.run(spread([p.port for p in instances], mails, 20))

@@ -315,28 +315,32 @@ class SinkLog:
         return all(s in arrivals for s in subjects)
 
 
-class SinkDir:
-    """Postfix smtp-sink's dump directory (`-d`), read incrementally: one file
-    per mail; Subject -> the file's modification time (its arrival)."""
+class SinkFile:
+    """Postfix smtp-sink's dump file (`-D`: every mail appended to one file),
+    read incrementally: Subject -> when this reader first saw it.
+
+    One file rather than smtp-sink's file per mail (`-d`): creating a file per
+    mail halved the sink's rate (2 300 vs 4 900 mails/s from 4 connections
+    here), so the sink, not the daemon, set the end-to-end rate. The time is
+    the read's, so it is late by up to one poll (`wait_until`: 20 ms)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.seen: set[str] = set()
+        self.offset = 0
         self.arrivals: dict[str, float] = {}
 
     def refresh(self) -> dict[str, float]:
-        with os.scandir(self.path) as entries:
-            for entry in entries:
-                if entry.name in self.seen:
-                    continue
-                data = Path(entry.path).read_bytes()
-                start = data.find(b"\nSubject: ")
-                end = data.find(b"\n", start + 1)
-                if start < 0 or end < 0 or b"\n\n" not in data:
-                    continue  # still being written: look again next time
-                self.seen.add(entry.name)
-                subject = data[start + 10 : end].decode("latin-1").strip()
-                self.arrivals.setdefault(subject, entry.stat().st_mtime)
+        if not self.path.exists():
+            return self.arrivals
+        now = time.time()
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            chunk = f.read()
+        complete = chunk[: chunk.rfind(b"\n") + 1]
+        self.offset += len(complete)
+        for line in complete.split(b"\n"):
+            if line.startswith(b"Subject: "):
+                self.arrivals.setdefault(line[9:].decode("latin-1").strip(), now)
         return self.arrivals
 
     def has_all(self, subjects: list[str]) -> bool:
@@ -344,7 +348,11 @@ class SinkDir:
         return all(s in arrivals for s in subjects)
 
 
-def start_report_sink(tmp: Path) -> tuple[Proc, SinkLog | SinkDir]:
+# Where the reports' arrivals are read: our Python sink's log or smtp-sink's dump.
+ReportArrivals = SinkLog | SinkFile
+
+
+def start_report_sink(tmp: Path) -> tuple[Proc, ReportArrivals]:
     """The SMTP server the daemon's reports go to: Postfix's smtp-sink (C, so
     that the sink's CPU does not weigh on the daemon's), else our Python sink."""
     exe = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
@@ -359,10 +367,10 @@ def start_report_sink(tmp: Path) -> tuple[Proc, SinkLog | SinkDir]:
         tmp.chmod(0o755)
         dump.chmod(0o777)
     port = free_port()
-    proc = Proc([exe, *user, "-d", f"{dump}/%H%M%S.", f"127.0.0.1:{port}", "256"])
+    proc = Proc([exe, *user, "-D", f"{dump}/all", f"127.0.0.1:{port}", "256"])
     proc.port = port
     wait_port(port)
-    return proc, SinkDir(dump)
+    return proc, SinkFile(dump / "all")
 
 
 # -- the run -------------------------------------------------------------------
@@ -511,7 +519,7 @@ class FanOut:
 def fan_out_once(
     daemon: Proc,
     provider: Proc,
-    sink: SinkLog | SinkDir,
+    sink: ReportArrivals,
     fields: dict[str, str],
     attachments: dict[str, bytes] | None,
     expected: int,
@@ -538,7 +546,7 @@ def fan_out_rows(
     tmp: Path,
     daemon: Proc,
     provider: Proc,
-    sink: SinkLog | SinkDir,
+    sink: ReportArrivals,
     sink_port: int,
     synchronous: str,
     quick: bool,

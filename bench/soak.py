@@ -44,8 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from run import (  # noqa: E402
     CLK_TCK,
     Proc,
-    SinkDir,
-    SinkLog,
+    ReportArrivals,
     envoi_mail,
     load,
     machine,
@@ -215,13 +214,13 @@ def purge_all(config: Path) -> int:
     return int(out.split()[0])
 
 
-def count_nots(sink: SinkLog | SinkDir) -> dict[str, float]:
+def count_nots(sink: ReportArrivals) -> dict[str, float]:
     return {s: t for s, t in sink.refresh().items() if s.startswith("etatNot ")}
 
 
 def soak(
     backend: str, *, emails: int, per: int, window: int, tmp: Path, provider: Proc,
-    sink: Proc, arrivals: SinkLog | SinkDir, dsn: str | None, server: ServerProbe | None = None,
+    sink: Proc, arrivals: ReportArrivals, dsn: str | None, server: ServerProbe | None = None,
 ) -> SoakResult:  # fmt: skip
     """One backend's run (see the module docstring)."""
     directory = tmp / f"{backend}-{secrets.token_hex(2)}"
