@@ -3,6 +3,7 @@
     .venv/bin/pip install py-spy
     .venv/bin/python bench/profile.py burst      # 3000 single-recipient emails, 20 connections
     .venv/bin/python bench/profile.py csv        # one mobiles.csv of 100 000 lines
+    .venv/bin/python bench/profile.py fanout     # 40 emails of 500 numbers, one text, one at a time
 
 Samples only while the GIL is held (`py-spy --gil`): CPU spent in Python, the
 resource the daemon's threads share. Prints each thread's share and the share
@@ -74,7 +75,7 @@ def summarise(raw: Path) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("scenario", choices=["burst", "csv"])
+    parser.add_argument("scenario", choices=["burst", "csv", "fanout"])
     parser.add_argument("--raw", type=Path, help="also keep py-spy's raw stacks here")
     args = parser.parse_args()
     spy_exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -96,6 +97,15 @@ def main() -> int:
             bench.wait_until(
                 lambda: sink_log.has_all([f"etatNot {e}" for e in ids]), 600, "the Nots"
             )
+        elif args.scenario == "fanout":
+            numbers = {f"num{i + 1}": f"06{10_000_000 + i:08d}" for i in range(500)}
+            for _ in range(40):  # each alone, as bench/run.py's fan-out row
+                email_id = secrets.token_hex(6)
+                mail = bench.envoi_mail(email_id, numbers | {"sms": "Promo -10% ce week-end"})
+                bench.load(daemon.port, [mail], 1, False)
+                bench.wait_until(
+                    lambda e=email_id: sink_log.has_all([f"etatNot {e}"]), 600, "the Not"
+                )
         else:
             lines = 100_000
             mobiles = "".join(f"06{10_000_000 + i:08d};;client {i}\n" for i in range(lines))

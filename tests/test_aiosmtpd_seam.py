@@ -13,15 +13,24 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import inspect
+import ssl
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 
 import aiosmtpd
 import aiosmtpd.smtp
 import pytest
 from aiosmtpd.smtp import SMTP, Session
 
+from mailbridge.app import build_rules
 from mailbridge.auth import IntakeSession
-from mailbridge.intake import IntakeSMTP
+from mailbridge.clock import SystemClock
+from mailbridge.config import parse_config
+from mailbridge.intake import IntakeHandler, IntakeSMTP, smtp_protocol
 from mailbridge.smtp_data import ChunkedDataMixin
+from tests.support import config_dict
+from tests.tls import self_signed
 
 SOURCE = inspect.getsource(aiosmtpd.smtp)
 
@@ -107,3 +116,52 @@ def test_stream_reader_buffer_for_the_peek() -> None:
         assert bytes(reader._buffer) == b"a\r\n.\r\n"  # type: ignore[attr-defined]
     finally:
         loop.close()
+
+
+class _FullDirSMTP(IntakeSMTP):
+    """IntakeSMTP as aiosmtpd sees an ordinary class: dir() with every name."""
+
+    def __dir__(self) -> Iterable[str]:
+        return object.__dir__(self)
+
+
+class _FullDirHandler(IntakeHandler):
+    def __dir__(self) -> Iterable[str]:
+        return object.__dir__(self)
+
+
+def _tables(smtp: SMTP) -> dict[str, Any]:
+    """What SMTP.__init__ builds from dir(): by name, the function behind each entry."""
+
+    def func(m: Any) -> Any:
+        return getattr(m, "__func__", m)
+
+    return {
+        "commands": {k: func(v) for k, v in smtp._smtp_methods.items()},
+        "auth": {k: (func(v.method), v.is_builtin) for k, v in smtp._auth_methods.items()},
+        "hooks": {k: func(v) for k, v in smtp._handle_hooks.items()},
+        "ehlo": smtp._ehlo_hook_ver,
+    }
+
+
+async def test_hook_names_only_gives_aiosmtpd_the_same_tables(tmp_path: Path) -> None:
+    """intake.HookNamesOnly lists the hook names once per class (aiosmtpd read
+    every attribute of the connection and its handler on each connection): the
+    command, AUTH and hook tables must be those of an ordinary dir()."""
+    assert "for mname, mfunc in inspect.getmembers(obj)" in SOURCE
+    assert "for m in dir(self)" in SOURCE and "for m in dir(handler)" in SOURCE
+    cert, key = self_signed(tmp_path)
+    cfg = config_dict(tmp_path, smtp_password="s3cret-passphrase")
+    cfg["smtp"]["tls"] = {"cert": str(cert), "key": str(key)}
+    config = parse_config(cfg, base_dir=tmp_path)
+    rules = build_rules(config)
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    kw: dict[str, Any] = {"tls_context": tls, "loop": asyncio.get_running_loop()}
+    fast_handler = IntakeHandler(config, rules, None, SystemClock(), lambda: None)  # type: ignore[arg-type]
+    full_handler = _FullDirHandler(config, rules, None, SystemClock(), lambda: None)  # type: ignore[arg-type]
+    fast = smtp_protocol(fast_handler, config.smtp, tls=tls)()
+    full = _FullDirSMTP(full_handler, fast._gate, hostname=fast.hostname, **kw)
+    assert _tables(fast) == _tables(full)
+    assert {"DATA", "MAIL", "RCPT", "STARTTLS", "AUTH"} <= set(_tables(fast)["commands"])
+    assert {"DATA", "MAIL", "RCPT", "exception"} <= set(_tables(fast)["hooks"])
+    assert set(_tables(fast)["auth"]) == {"LOGIN", "PLAIN"}
