@@ -363,12 +363,12 @@ def finish_if_done(tx: Tx, request_id: int, now: float, owner: str | None) -> bo
     fence, params = ("", ()) if owner is None else (f" AND {FENCE}", (owner,))
     row = tx.one(
         "UPDATE requests SET state = 'done', done_at = ?, claimed_until = NULL, claimed_by = NULL"
-        f" WHERE id = ? AND state = 'queued'{fence} RETURNING not_to, plain_reports",
+        f" WHERE id = ? AND state = 'queued'{fence} RETURNING not_to, plain_reports, dlr_to",
         (now, request_id, *params),
     )
     if row is None:
         return False
-    not_to, plain_reports = row
+    not_to, plain_reports, dlr_to = row
     if not_to:
         if plain_reports is None:
             add_report(tx, request_id, "not", not_to, now)
@@ -377,7 +377,8 @@ def finish_if_done(tx: Tx, request_id: int, now: float, owner: str | None) -> bo
         ):
             # Plain mode (SPEC section 9): with "failures", only when a number failed.
             add_report(tx, request_id, "plain", not_to, now)
-    ev.start_delivery_reports(tx, request_id, now)
+    if dlr_to is not None:  # without it no etatDlr is ever due: two statements saved
+        ev.start_delivery_reports(tx, request_id, now)
     return True
 
 
