@@ -284,6 +284,39 @@ async def test_report_data_many_reads_each_request_once_and_skips_unknown(
     assert many[second.request_id].rows == [("x", 7)]
 
 
+async def test_finish_a_batch_in_the_order_given(store: SqlStore) -> None:
+    """finish_if_done over a batch: only requests whose every recipient has a
+    code, held by this owner and still queued, finish; each gets its Not, in
+    the order given; a request without emailNot finishes without one."""
+    ok = [
+        RecipientDraft(
+            tel="0601020304", number="+33601020304", text="x", encoding="gsm7", parts=1, max_parts=5
+        )
+    ]
+    two = ok + [
+        RecipientDraft(
+            tel="0601020305", number="+33601020305", text="x", encoding="gsm7", parts=1, max_parts=5
+        )
+    ]
+    reqs = [
+        new_request("b1", ack_to=None, recipients=ok),
+        new_request("b2", ack_to=None, recipients=two),  # one recipient left pending
+        new_request("b3", ack_to=None, not_to=None, recipients=ok),  # no emailNot
+        new_request("b4", ack_to=None, recipients=ok),
+    ]
+    ids = [(await store.add_request(r)).request_id for r in reqs]
+    claimed = await store.claim_requests(NOW, 60, 10)
+    assert sorted(c.id for c in claimed) == sorted(ids)
+    results = [RecipientResult(request_id=i, idx=1, code=0, provider="outbox") for i in ids]
+    await store.record_results(results, NOW)
+    given = [ids[3], ids[1], ids[2], ids[0], ids[3]]  # a repeated id finishes once
+    assert await store.finish_if_done(given, NOW) == [ids[3], ids[2], ids[0]]
+    reports = await store.claim_reports(NOW, 10, 60)
+    assert [(r.request_id, r.kind) for r in reports] == [(ids[3], "not"), (ids[0], "not")]
+    assert await store.finish_if_done(ids, NOW) == []  # done once; b2 still pending
+    assert (await store.status(NOW)).requests == {"done": 3, "queued": 1}
+
+
 async def test_plain_report_only_when_a_number_failed(store: SqlStore) -> None:
     """SPEC 9, plain.reports: failures: the text report is queued only when a
     number did not get code 0; `all` always; the XML Not never for plain mode."""

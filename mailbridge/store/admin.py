@@ -154,7 +154,7 @@ def queue_drop(tx: Tx, request_id: int, now: float, why: str) -> tuple[int, int]
         "UPDATE requests SET state = 'queued' WHERE id = ? AND state = 'quarantined'",
         (request_id,),
     )
-    q.finish_if_done(tx, request_id, now, owner=None)
+    q.finish_if_done(tx, [request_id], now, owner=None)
     return int(dropped), int(in_flight)
 
 

@@ -42,6 +42,7 @@ Counts = dict[tuple[str, tuple[str, ...]], float]
 # A completion by `?` (the owner): on its own lease, or on a row nobody holds
 # (harmless); never on another process's lease.
 FENCE = "(claimed_by = ? OR claimed_by IS NULL)"
+IDS_PER_STATEMENT = 500  # ids in one IN (...): far under SQLite's and PostgreSQL's limits
 
 
 def runs(idxs: list[int]) -> list[tuple[int, int]]:
@@ -65,12 +66,14 @@ def _count(counts: Counts, name: str, *labels: str, by: float = 1) -> None:
 # -- intake ------------------------------------------------------------------------------
 
 
+_INSERT_REPORT = (
+    "INSERT INTO reports (request_id, kind, to_addr, state, created_at, due_at)"
+    " VALUES (?, ?, ?, 'pending', ?, ?)"
+)
+
+
 def add_report(tx: Tx, request_id: int, kind: str, to: str, now: float) -> None:
-    tx.execute(
-        "INSERT INTO reports (request_id, kind, to_addr, state, created_at, due_at)"
-        " VALUES (?, ?, ?, 'pending', ?, ?)",
-        (request_id, kind, to, now, now),
-    )
+    tx.execute(_INSERT_REPORT, (request_id, kind, to, now, now))
 
 
 def add_request(tx: Tx, req: NewRequest) -> Admission:
@@ -116,7 +119,7 @@ def add_request(tx: Tx, req: NewRequest) -> Admission:
                 for i, r in enumerate(req.recipients, start=1)
             ),
         )  # fmt: skip
-        finish_if_done(tx, request_id, req.received_at, owner=None)
+        finish_if_done(tx, [request_id], req.received_at, owner=None)
     ev.bump(tx, counts)
     return Admission(int(request_id), ack)
 
@@ -351,35 +354,48 @@ def release_requests(
     )
 
 
-def finish_if_done(tx: Tx, request_id: int, now: float, owner: str | None) -> bool:
-    """Mark the request done once every recipient has a code, queueing its Not
-    (or plain mode's report) and starting its delivery reports; fenced by
-    `owner` (None: at intake, where nobody holds it yet)."""
-    left = tx.one(
-        "SELECT 1 FROM recipients WHERE request_id = ? AND code IS NULL LIMIT 1", (request_id,)
-    )
-    if left is not None:
-        return False
-    fence, params = ("", ()) if owner is None else (f" AND {FENCE}", (owner,))
-    row = tx.one(
-        "UPDATE requests SET state = 'done', done_at = ?, claimed_until = NULL, claimed_by = NULL"
-        f" WHERE id = ? AND state = 'queued'{fence} RETURNING not_to, plain_reports, dlr_to",
-        (now, request_id, *params),
-    )
-    if row is None:
-        return False
-    not_to, plain_reports, dlr_to = row
-    if not_to:
-        if plain_reports is None:
-            add_report(tx, request_id, "not", not_to, now)
-        elif plain_reports == "all" or tx.one(
-            "SELECT 1 FROM recipients WHERE request_id = ? AND code != 0 LIMIT 1", (request_id,)
-        ):
-            # Plain mode (SPEC section 9): with "failures", only when a number failed.
-            add_report(tx, request_id, "plain", not_to, now)
-    if dlr_to is not None:  # without it no etatDlr is ever due: two statements saved
-        ev.start_delivery_reports(tx, request_id, now)
-    return True
+def finish_if_done(tx: Tx, request_ids: Sequence[int], now: float, owner: str | None) -> list[int]:
+    """Mark done those of these requests whose every recipient has a code,
+    queueing each one's Not (or plain mode's report) and starting its delivery
+    reports; fenced by `owner` (None: at intake or by an operator, where nobody
+    holds it). Returns the requests finished, in the order given (their
+    reports' ids follow it)."""
+    fence, fenced = ("", ()) if owner is None else (f" AND {FENCE}", (owner,))
+    done: list[int] = []
+    for start in range(0, len(request_ids), IDS_PER_STATEMENT):
+        chunk = list(dict.fromkeys(request_ids[start : start + IDS_PER_STATEMENT]))
+        # One statement for the batch; NOT EXISTS stops at a request's first
+        # pending recipient (a deferred 100 000-line request is not read through).
+        rows = tx.all(
+            "UPDATE requests SET state = 'done', done_at = ?, claimed_until = NULL,"
+            f" claimed_by = NULL WHERE id IN ({','.join('?' * len(chunk))})"
+            f" AND state = 'queued'{fence} AND NOT EXISTS (SELECT 1 FROM recipients"
+            "  WHERE recipients.request_id = requests.id AND code IS NULL)"
+            " RETURNING id, not_to, plain_reports, dlr_to",
+            (now, *chunk, *fenced),
+        )
+        finished = {int(r[0]): r[1:] for r in rows}
+        ordered = [i for i in chunk if i in finished]
+        reports: list[tuple[int, str, str, float, float]] = []
+        for request_id in ordered:
+            not_to, plain_reports, _ = finished[request_id]
+            if not not_to:
+                continue
+            if plain_reports is None:
+                reports.append((request_id, "not", not_to, now, now))
+            elif plain_reports == "all" or tx.one(
+                "SELECT 1 FROM recipients WHERE request_id = ? AND code != 0 LIMIT 1",
+                (request_id,),
+            ):
+                # Plain mode (SPEC section 9): with "failures", only when a number failed.
+                reports.append((request_id, "plain", not_to, now, now))
+        if reports:
+            tx.executemany(_INSERT_REPORT, reports)
+        for request_id in ordered:
+            if finished[request_id][2] is not None:  # dlr_to: without it no etatDlr is due
+                ev.start_delivery_reports(tx, request_id, now)
+        done += ordered
+    return done
 
 
 def quarantine(tx: Tx, request_id: int, error: str, owner: str) -> None:
@@ -391,8 +407,6 @@ def quarantine(tx: Tx, request_id: int, error: str, owner: str) -> None:
 
 
 # -- reports -------------------------------------------------------------------------------
-
-IDS_PER_STATEMENT = 500  # ids in one IN (...): far under SQLite's and PostgreSQL's limits
 
 
 def claim_reports(tx: Tx, now: float, limit: int, lease_s: float, owner: str) -> list[ReportJob]:

@@ -167,7 +167,7 @@ class SqlStore:
 
     async def finish_if_done(self, request_ids: Sequence[int], now: float) -> list[int]:
         def finish(tx: Tx) -> list[int]:
-            done = [i for i in request_ids if q.finish_if_done(tx, i, now, self.owner)]
+            done = q.finish_if_done(tx, request_ids, now, self.owner)
             if done:
                 self._notify(tx)  # reports are due
             return done
