@@ -119,7 +119,8 @@ def add_request(tx: Tx, req: NewRequest) -> Admission:
                 for i, r in enumerate(req.recipients, start=1)
             ),
         )  # fmt: skip
-        finish_if_done(tx, [request_id], req.received_at, owner=None)
+        if all(r.code is not None for r in req.recipients):  # nothing to send: done now
+            finish_if_done(tx, [request_id], req.received_at, owner=None)
     ev.bump(tx, counts)
     return Admission(int(request_id), ack)
 
