@@ -379,7 +379,9 @@ def finish_if_done(tx: Tx, request_ids: Sequence[int], now: float, owner: str | 
         ordered = [i for i in chunk if i in finished]
         reports: list[tuple[int, str, str, float, float]] = []
         for request_id in ordered:
-            not_to, plain_reports, _ = finished[request_id]
+            not_to, plain_reports, dlr_to = finished[request_id]
+            if dlr_to is not None:  # without it no etatDlr is ever due
+                ev.start_delivery_reports(tx, request_id, now)
             if not not_to:
                 continue
             if plain_reports is None:
@@ -392,9 +394,6 @@ def finish_if_done(tx: Tx, request_ids: Sequence[int], now: float, owner: str | 
                 reports.append((request_id, "plain", not_to, now, now))
         if reports:
             tx.executemany(_INSERT_REPORT, reports)
-        for request_id in ordered:
-            if finished[request_id][2] is not None:  # dlr_to: without it no etatDlr is due
-                ev.start_delivery_reports(tx, request_id, now)
         done += ordered
     return done
 
