@@ -4,8 +4,8 @@
   and down for longer than `dispatch.outage_hold_s`: 999, once, nothing sent;
 - the report relay down (refusing, then answering 451): reports wait and go
   out later, each once;
-- a slow provider: at most `dispatch.workers` calls at once, the intake keeps
-  answering 250 quickly, the daemon's memory stays bounded;
+- a slow provider: at most `dispatch.workers` × `dispatch.calls_in_flight` calls at
+  once, the intake keeps answering 250 quickly, the daemon's memory stays bounded;
 - SIGTERM while a batch is at the provider: exit 0 within the grace period,
   then nothing lost and nothing sent twice.
 """
@@ -236,7 +236,10 @@ def test_slow_provider_bounded_concurrency_quick_intake_bounded_memory(
 ) -> None:
     fake, switch, server = kcell
     workers, emails, per_email, clients = 2, 120, 50, 4
-    proc = start(tmp_path, server, sink, {"timeout_s": 300}, workers=workers)
+    # A batch whose page holds more than Kcell's max_batch (1 000 recipients, 21+
+    # emails claimed at once) makes several calls, up to dispatch.calls_in_flight
+    # of them at once: with 1 the bound on calls in flight is `workers` exactly.
+    proc = start(tmp_path, server, sink, {"timeout_s": 300}, workers=workers, calls_in_flight=1)
     try:
         submit(proc, "warm", kz(999, 50))  # every code path once, before measuring
         sink.wait(lambda mails: len(mails) == 2)
