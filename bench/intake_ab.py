@@ -10,26 +10,33 @@ Each round loads them in turn, alternating which goes first, with the same
 single-recipient mails (unique emailIds) over 20 reused connections, then over
 1 reused connection; the figure is the intake process's own CPU (the daemon,
 not its worker child) from /proc over the load, divided by the mails. The bare
-aiosmtpd server is loaded in the same rounds, for the ratio of the rate.
+aiosmtpd server is loaded in the same rounds, for the ratio of the rate. The
+worker's CPU per mail is counted from the load's start until the last of its
+Nots reaches the sink (the next load starts only then).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench  # noqa: E402
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds of one process (user and system, /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / bench.CLK_TCK
+
+
 def intake_cpu_s(daemon: bench.Proc) -> float:
     """CPU seconds of the daemon's own process (the intake), not its worker."""
-    fields = Path(f"/proc/{daemon.p.pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / bench.CLK_TCK
+    return cpu_s(daemon.p.pid)
 
 
 def main() -> int:
@@ -40,18 +47,22 @@ def main() -> int:
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="mb-intake-ab-"))
     provider = bench.start_server("provider")
-    sink, _ = bench.start_report_sink(tmp)
+    sink, arrivals = bench.start_report_sink(tmp)
     bare = bench.start_server("bare")
     daemons = {
         "old": bench.start_daemon(tmp / "old", provider.port, sink.port, "full", code=args.old),
         "new": bench.start_daemon(tmp / "new", provider.port, sink.port, "full"),
     }
     cpu: dict[tuple[str, int], list[float]] = {}
+    worker_cpu: dict[tuple[str, int], list[float]] = {}
     rate: dict[tuple[str, int], list[float]] = {}
     p99: dict[tuple[str, int], list[float]] = {}
     try:
         for side, d in daemons.items():  # warm-up: imports, first connections, caches
-            bench.load(d.port, bench.single_mails(200, f"warm{side}")[0], 20, True)
+            warm, ids = bench.single_mails(200, f"warm{side}")
+            bench.load(d.port, warm, 20, True)
+            nots = [f"etatNot {e}" for e in ids]
+            bench.wait_until(functools.partial(arrivals.has_all, nots), 300, "the warm-up's Nots")
         for rnd in range(args.rounds):
             order = ["old", "new"] if rnd % 2 == 0 else ["new", "old"]
             for conns in (20, 1):
@@ -60,11 +71,18 @@ def main() -> int:
                 p99.setdefault(("bare", conns), []).append(r.percentile(99))
                 for side in order:
                     d = daemons[side]
-                    mails, _ = bench.single_mails(args.mails, f"r{rnd}{side}{conns}")
-                    time.sleep(2)  # the other daemon's worker finishes its reports
-                    before = intake_cpu_s(d)
+                    mails, ids = bench.single_mails(args.mails, f"r{rnd}{side}{conns}")
+                    worker = d.pids()[1]
+                    before, worker_before = intake_cpu_s(d), cpu_s(worker)
                     r = bench.load(d.port, mails, conns, True)
                     cpu.setdefault((side, conns), []).append((intake_cpu_s(d) - before) / r.sent)
+                    nots = [f"etatNot {e}" for e in ids]
+                    bench.wait_until(
+                        functools.partial(arrivals.has_all, nots), 300, "the load's Nots"
+                    )
+                    worker_cpu.setdefault((side, conns), []).append(
+                        (cpu_s(worker) - worker_before) / r.sent
+                    )
                     rate.setdefault((side, conns), []).append(r.rate)
                     p99.setdefault((side, conns), []).append(r.percentile(99))
             print(f"round {rnd + 1} done", file=sys.stderr)
@@ -72,12 +90,12 @@ def main() -> int:
         for p in (*daemons.values(), bare, provider, sink):
             p.stop()
     print("| side | conns | intake CPU per mail (µs), each round | median | msg/s median"
-          " | ratio to bare | p99 median |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
+          " | ratio to bare | p99 median | worker CPU per mail (µs), median |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
     for conns in (20, 1):
         bare_rate = statistics.median(rate[("bare", conns)])
         print(f"| bare | {conns} | | | {bare_rate:.0f} | 1.00 |"
-              f" {statistics.median(p99[('bare', conns)]) * 1e3:.1f} ms |")  # fmt: skip
+              f" {statistics.median(p99[('bare', conns)]) * 1e3:.1f} ms | |")  # fmt: skip
         for side in ("old", "new"):
             each = ", ".join(f"{c * 1e6:.0f}" for c in cpu[(side, conns)])
             med = statistics.median(cpu[(side, conns)]) * 1e6
@@ -86,8 +104,10 @@ def main() -> int:
                 a / b for a, b in zip(rate[(side, conns)], rate[("bare", conns)], strict=True)
             )
             q = statistics.median(p99[(side, conns)]) * 1e3
+            w = statistics.median(worker_cpu[(side, conns)]) * 1e6
             print(
-                f"| {side} | {conns} | {each} | {med:.0f} | {msgs:.0f} | {ratio:.2f} | {q:.1f} ms |"
+                f"| {side} | {conns} | {each} | {med:.0f} | {msgs:.0f} | {ratio:.2f} | {q:.1f} ms"
+                f" | {w:.0f} |"
             )
     return 0
 

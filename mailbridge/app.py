@@ -53,6 +53,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 STOP_GRACE_S = 30.0  # in-flight provider calls get this long to finish on SIGTERM
 PURGE_FIRST_S = 3600.0  # the daily purge's first run, after the start's own work
+# While busy, a worker write waits this long for others to share its commit:
+# fewer commits, and SQLite's write lock free in between for the intake's 250s.
+WORKER_COMMIT_WAIT_S = 0.003
 
 
 class StartInterrupted(Exception):
@@ -278,7 +281,7 @@ async def run_worker(config: Config, wake_fd: int, owner: str, daemon_pid: int) 
             reports.set()
 
     watch_wake_pipe(wake_fd, wake, stopping.set)
-    store = open_store(config.store, owner)
+    store = open_store(config.store, owner, commit_wait_s=WORKER_COMMIT_WAIT_S)
     await store.open()
     try:
         if stopping.is_set():  # stopped while it opened the store

@@ -317,6 +317,36 @@ async def test_finish_a_batch_in_the_order_given(store: SqlStore) -> None:
     assert (await store.status(NOW)).requests == {"done": 3, "queued": 1}
 
 
+async def test_a_busy_store_with_commit_wait_gathers_writes_into_one_commit(
+    store: SqlStore,
+) -> None:
+    """The worker's engine (commit_wait_s): while busy, a write waits for company."""
+    store.engine.commit_wait_s = 2.0  # far longer than the test needs: nothing racy
+    await store.add_request(new_request("1"))  # a commit: the store is busy now
+    before = store.commits
+    first = asyncio.create_task(store.add_request(new_request("2")))
+    await asyncio.sleep(0)  # the task runs up to its wait: its call is queued
+    # Once the engine thread has taken the first call, a second one can only
+    # share its transaction if the thread waits for it before beginning.
+    await wait_until(store.engine._queue.empty)
+    second = await store.add_request(new_request("3"))
+    assert (await first).ack_code == second.ack_code == 0
+    assert store.commits == before + 1
+
+
+async def test_an_idle_store_does_not_wait_for_company(store: SqlStore) -> None:
+    store.engine.commit_wait_s = 600.0  # if an idle write waited, the test would time out
+    admitted = await asyncio.wait_for(store.add_request(new_request("1")), timeout=30)
+    assert admitted.ack_code == 0 and store.commits == 1
+
+
+async def wait_until(condition: Any, timeout_s: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition never held"
+        await asyncio.sleep(0.001)
+
+
 async def test_plain_report_only_when_a_number_failed(store: SqlStore) -> None:
     """SPEC 9, plain.reports: failures: the text report is queued only when a
     number did not get code 0; `all` always; the XML Not never for plain mode."""

@@ -33,6 +33,7 @@ from mailbridge.model import (
 if TYPE_CHECKING:
     from mailbridge.feedback import FeedbackPass, FeedbackRules
     from mailbridge.store.admin import QueueEntry, RequestDetail
+    from mailbridge.store.sqlstore import SqlStore
 
 
 class StoreUnavailable(Exception):
@@ -253,10 +254,14 @@ class Store(Protocol):
         ...
 
 
-def open_store(config: StoreConfig, owner: str | None = None) -> Store:
+def open_store(
+    config: StoreConfig, owner: str | None = None, *, commit_wait_s: float = 0.0
+) -> Store:
     """The backend the configuration names (not yet opened); `owner`: the name
-    its leases carry (default: this process's host, pid and a random tag)."""
-    store: Store
+    its leases carry (default: this process's host, pid and a random tag);
+    `commit_wait_s`: how long a write may wait for company while the store is
+    busy (store/engine.py; the worker's, whose writes keep no client waiting)."""
+    store: SqlStore
     if config.sqlite is not None:
         from mailbridge.store.sqlite import SqliteStore
 
@@ -272,6 +277,7 @@ def open_store(config: StoreConfig, owner: str | None = None) -> Store:
         store = PostgresStore(config)
     if owner is not None:
         store.owner = owner
+    store.engine.commit_wait_s = commit_wait_s
     return store
 
 
