@@ -425,6 +425,11 @@ class Mailer:
                     log.error("reports: unexpected error: %r", outcome)
                 else:
                     delivered += outcome
+            if len(jobs) < CLAIM_BATCH:
+                # Nothing else was due at the claim: one more would find nothing
+                # (a write transaction for nothing). What came due since woke
+                # `run` (a finished request, a stored callback) or is next_due's.
+                return delivered
 
     async def run(self, wake: asyncio.Event, stopping: asyncio.Event) -> None:
         """Deliver reports until `stopping` is set; `wake` says new ones may be due."""

@@ -347,6 +347,29 @@ async def wait_until(condition: Any, timeout_s: float = 10.0) -> None:
         await asyncio.sleep(0.001)
 
 
+async def test_a_poll_that_finds_nothing_takes_no_write_lock(tmp_path: Path) -> None:
+    """Claims are read first (store/engine.py read_first): with nothing due they
+    answer while another process holds SQLite's write lock, and commit nothing."""
+    store = SqliteStore(tmp_path / "db.sqlite", busy_timeout_s=0.5)
+    await store.open()
+    other = sqlite3.connect(tmp_path / "db.sqlite", isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # the other process is writing
+        try:
+            assert await store.claim_reports(NOW, 10, 60) == []
+            assert await store.claim_requests(NOW, 60, 10) == []
+        finally:
+            other.execute("ROLLBACK")
+        assert store.commits == 0
+        admitted = await store.add_request(new_request())
+        (claimed,) = await store.claim_requests(NOW, 60, 10)  # work: claimed in a transaction
+        assert claimed.id == admitted.request_id
+        assert [r.kind for r in await store.claim_reports(NOW, 10, 60)] == ["ack"]
+    finally:
+        other.close()
+        await store.close()
+
+
 async def test_plain_report_only_when_a_number_failed(store: SqlStore) -> None:
     """SPEC 9, plain.reports: failures: the text report is queued only when a
     number did not get code 0; `all` always; the XML Not never for plain mode."""

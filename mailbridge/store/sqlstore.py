@@ -93,6 +93,11 @@ class SqlStore:
     async def _write(self, fn: Callable[[Tx], T]) -> T:
         return await self.engine.run(fn, True)
 
+    async def _poll(self, fn: Callable[[Tx], T]) -> T:
+        """A write that mostly finds nothing to do: tried outside the transaction
+        first, and answered there when it writes nothing (store/engine.py)."""
+        return await self.engine.run(fn, True, read_first=True)
+
     async def _read(self, fn: Callable[[Tx], T]) -> T:
         return await self.engine.run(fn, False)
 
@@ -119,7 +124,7 @@ class SqlStore:
         return await self._write(lambda tx: q.release_owned(tx, owner))
 
     async def claim_requests(self, now: float, lease_s: float, limit: int) -> list[ClaimedRequest]:
-        return await self._write(lambda tx: q.claim_requests(tx, now, lease_s, limit, self.owner))
+        return await self._poll(lambda tx: q.claim_requests(tx, now, lease_s, limit, self.owner))
 
     async def renew_leases(self, request_ids: Sequence[int], lease_s: float) -> set[int]:
         return await self._write(lambda tx: q.renew_leases(tx, request_ids, lease_s, self.owner))
@@ -180,7 +185,7 @@ class SqlStore:
     # -- reports ---------------------------------------------------------
 
     async def claim_reports(self, now: float, limit: int, lease_s: float) -> list[ReportJob]:
-        return await self._write(lambda tx: q.claim_reports(tx, now, limit, lease_s, self.owner))
+        return await self._poll(lambda tx: q.claim_reports(tx, now, limit, lease_s, self.owner))
 
     async def report_data(self, request_id: int) -> ReportData:
         return await self._read(lambda tx: q.report_data(tx, request_id))
@@ -215,10 +220,10 @@ class SqlStore:
         return await self._write(add)
 
     async def process_events(self, now: float, limit: int, rules: FeedbackRules) -> FeedbackPass:
-        return await self._write(lambda tx: ev.process_events(tx, now, limit, rules))
+        return await self._poll(lambda tx: ev.process_events(tx, now, limit, rules))
 
     async def queue_delivery_reports(self, now: float, rules: FeedbackRules) -> int:
-        return await self._write(lambda tx: ev.queue_delivery_reports(tx, now, rules))
+        return await self._poll(lambda tx: ev.queue_delivery_reports(tx, now, rules))
 
     async def next_feedback_due(self, rules: FeedbackRules) -> float | None:
         return await self._read(lambda tx: ev.next_feedback_due(tx, rules))
