@@ -285,7 +285,7 @@ class Engine:
                     deadline = now + self.commit_wait_s
             while len(batch) < MAX_BATCH:
                 try:
-                    left = deadline - time.monotonic()
+                    left = deadline - time.monotonic() if deadline else 0.0
                     nxt = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
                 except queue.Empty:
                     break
@@ -315,7 +315,7 @@ class Engine:
         rest: list[_Op] = []
         answered: list[tuple[_Op, Any, BaseException | None]] = []
         for op in batch:
-            if not (op.read_first and op.write):
+            if not op.read_first:  # (read_first calls are writes: SqlStore._poll)
                 rest.append(op)
                 continue
             try:

@@ -94,8 +94,9 @@ class SqlStore:
         return await self.engine.run(fn, True)
 
     async def _poll(self, fn: Callable[[Tx], T]) -> T:
-        """A write that mostly finds nothing to do: tried outside the transaction
-        first, and answered there when it writes nothing (store/engine.py)."""
+        """A write that mostly finds nothing to do: its opening SELECT is tried
+        outside the transaction, and answered there when nothing is due
+        (store/engine.py, read_first)."""
         return await self.engine.run(fn, True, read_first=True)
 
     async def _read(self, fn: Callable[[Tx], T]) -> T:
