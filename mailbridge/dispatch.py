@@ -314,15 +314,17 @@ class Dispatcher:
                     continue
                 for rcpt in pending:
                     after[rcpt.request_id] = rcpt.idx  # by idx within a request: the last wins
-                await self._send_page(by_id, pending)
-            done = await self.store.finish_if_done(list(by_id), self.clock.time())
-            for request_id in done:
-                self._log_done(by_id[request_id])
-            if done:
-                self.on_done()
-            rest = [i for i in by_id if i not in set(done)]
-            if rest:
-                await self.store.release_requests(rest, None, None, count_attempt=False)
+                # A short page holds everything due now: its last write may finish
+                # the requests too (one commit, and no reads to find nothing left).
+                finish = list(by_id) if len(pending) < PAGE else []
+                self._finished(by_id, await self._send_page(by_id, pending, finish))
+                if not by_id:
+                    break
+            if by_id:
+                done = await self.store.finish_if_done(list(by_id), self.clock.time())
+                self._finished(by_id, done)
+            if by_id:
+                await self.store.release_requests(list(by_id), None, None, count_attempt=False)
         except asyncio.CancelledError:
             raise
         except Exception as err:
@@ -338,6 +340,13 @@ class Dispatcher:
             self._lost.difference_update(c.id for c in claims)
             for c in claims:
                 self._progress.pop(c.id, None)
+
+    def _finished(self, by_id: dict[int, ClaimedRequest], done: Sequence[int]) -> None:
+        """Requests the store marked done (their Not is due): out of `by_id`."""
+        for request_id in done:
+            self._log_done(by_id.pop(request_id))
+        if done:
+            self.on_done()
 
     async def _failed(self, claims: Sequence[ClaimedRequest], err: Exception) -> None:
         ids = [c.id for c in claims]
@@ -367,8 +376,14 @@ class Dispatcher:
             pass  # the leases expire by themselves and the requests are claimed again
 
     async def _send_page(
-        self, claims: Mapping[int, ClaimedRequest], pending: Sequence[PendingRecipient]
-    ) -> None:
+        self,
+        claims: Mapping[int, ClaimedRequest],
+        pending: Sequence[PendingRecipient],
+        finish: Sequence[int] = (),
+    ) -> list[int]:
+        """Send a page of recipients and record every result. With `finish`, the
+        page's last write also finishes those requests when it can (one write:
+        no provider call, or one chunk); returns the requests it finished."""
         now = self.clock.time()
         final: list[RecipientResult] = []
         groups: dict[str, list[_Item]] = defaultdict(list)
@@ -484,18 +499,20 @@ class Dispatcher:
             else:
                 healthy.add(name)  # closed: stays so through this page
             groups[name].append(_Item(claimed, rcpt, route))
-        if final:
-            await self.store.record_results(final, now)
-            numbers = {(r.request_id, r.idx): r.number for r in pending}
-            self._log_failures(claims, numbers, final)
         chunks = [
             (name, group[start : start + self.providers[name].max_batch])
             for name, group in groups.items()
             for start in range(0, len(group), self.providers[name].max_batch)
         ]
+        done: list[int] = []
+        if final:
+            done = await self.store.record_results(final, now, finish=() if chunks else finish)
+            numbers = {(r.request_id, r.idx): r.number for r in pending}
+            self._log_failures(claims, numbers, final)
+        if not chunks:
+            return done
         if len(chunks) == 1:
-            await self._send_chunk(*chunks[0])
-            return
+            return await self._send_chunk(*chunks[0], finish=finish)
         slots = asyncio.Semaphore(self.config.calls_in_flight)
 
         async def send(name: str, chunk: Sequence[_Item]) -> None:
@@ -515,6 +532,7 @@ class Dispatcher:
                 raise error
         if errors:
             raise errors[0]
+        return []
 
     def _route(self, keyid: str, number: str, fixed: dict[str, list[str]]) -> list[str]:
         """route_for, once per account (in `fixed`) when the account names one provider."""
@@ -581,7 +599,11 @@ class Dispatcher:
                     )
         return ok, refused
 
-    async def _send_chunk(self, name: str, group: Sequence[_Item]) -> None:
+    async def _send_chunk(
+        self, name: str, group: Sequence[_Item], finish: Sequence[int] = ()
+    ) -> list[int]:
+        """One provider call for `group` and its results recorded (with `finish`
+        as in _send_page); returns the requests finished."""
         provider = self.providers[name]
         chunk, results = await self._reserve(group)
         calls: list[tuple[str, float]] = []  # (provider, seconds) for the call histogram
@@ -665,8 +687,9 @@ class Dispatcher:
                         append(decide(name, item, outcome, now, jitter))
                     else:
                         append(final_result(item.rcpt, name, outcome, now))  # _decide's first case
-        await self.store.record_results(results, self.clock.time(), calls)
+        done = await self.store.record_results(results, self.clock.time(), calls, finish)
         self._log_call(name, group, len(chunk), results)
+        return done
 
     def _log_call(
         self, name: str, group: Sequence[_Item], submitted: int, results: Sequence[RecipientResult]

@@ -217,6 +217,24 @@ async def test_accepted_recipients_get_0_and_the_request_is_done(world: World) -
     assert await world.run() == 0  # nothing left to claim
 
 
+async def test_a_request_sent_in_one_call_is_finished_by_the_write_of_its_results(
+    world: World,
+) -> None:
+    """A short page's results and the request's end (state done, its Not queued)
+    share one commit: two in all after the claim (the mark and the results)."""
+    cm = Recorder("cm")
+    dispatcher = world.build([cm])
+    rid = await world.submit(N1, N2)
+    claims = await world.store.claim_requests(world.clock.time(), 60.0, 10)
+    before = world.store.commits
+    await dispatcher.process(claims)
+    assert world.store.commits - before == 2
+    assert world.request_state(rid) == "done"
+    with sqlite3.connect(world.db) as db:
+        kinds = db.execute("SELECT kind FROM reports WHERE request_id = ?", (rid,)).fetchall()
+    assert kinds == [("not",)]
+
+
 async def test_a_transient_failure_is_retried_with_doubling_backoff(world: World) -> None:
     cm = Recorder("cm", script=[down(), down()])
     world.build([cm], provider_settings={"retry_attempts": 3, "retry_backoff_s": 10.0})

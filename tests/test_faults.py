@@ -501,10 +501,10 @@ async def test_work_resumes_soon_after_a_long_store_outage(tmp_path: Path) -> No
     full = True
     real_record = store.record_results
 
-    async def record_results(*args: Any, **kwargs: Any) -> None:
+    async def record_results(*args: Any, **kwargs: Any) -> list[int]:
         if full:
             raise StoreUnavailable("sqlite: database or disk is full")
-        await real_record(*args, **kwargs)
+        return await real_record(*args, **kwargs)
 
     store.record_results = record_results  # type: ignore[method-assign]
     async with httpx.AsyncClient() as http:

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mailbridge.attachments import AttachmentError, MobileLine, iter_mobiles
-from mailbridge.envoi import parse_envoi
+from mailbridge.envoi import _read_fields, _Spans, parse_envoi
 from mailbridge.mime import MailContent, read_mail
 
 # Fragments that drive the scanner into its corner cases, mixed with free text.
@@ -30,6 +30,34 @@ def test_parse_envoi_never_raises(text: str) -> None:
     envoi = parse_envoi(text)
     assert all(name == name.lower() for name in envoi.fields)
     assert all(value == value.strip() for value in envoi.fields.values())
+
+
+# The scanner's fragments that cannot start a comment or CDATA section, and
+# whole elements (repeated names: the first occurrence wins).
+NO_SPAN_TOKENS = [t for t in TOKENS if "<!" not in t and t != "<"] + ["</sms >", "<sms/>"]
+short_text = st.text(st.characters(exclude_characters="<"), max_size=5)
+element = st.builds(
+    "<{}>{}</{}>".format,
+    st.sampled_from(["sms", "SMS", "num1", "keyid", "envoi"]),
+    short_text,
+    st.sampled_from(["sms", "Sms", "num1", "keyid", "envoi"]),
+)
+no_span_text = st.lists(
+    st.one_of(st.sampled_from(NO_SPAN_TOKENS), short_text, element), max_size=40
+).map("".join)
+
+
+@given(no_span_text, st.booleans())
+@settings(max_examples=500)
+def test_fields_without_spans_read_as_the_span_aware_scanner(text: str, only: bool) -> None:
+    """The fast path for texts without comments or CDATA reads what the general
+    scanner reads (forced here by a span lying past the end of the text)."""
+    spans = _Spans(text)
+    assert not spans.starts
+    far = _Spans("")
+    far.starts, far.ends, far.is_cdata = [len(text) + 1], [len(text) + 2], [False]
+    fast = _read_fields(text, 0, len(text), spans, only_request_tags=only)
+    assert fast == _read_fields(text, 0, len(text), far, only_request_tags=only)
 
 
 TAG_NAMES = [

@@ -123,9 +123,12 @@ class Store(Protocol):
         results: Sequence[RecipientResult],
         now: float,
         calls: Sequence[tuple[str, float]] = (),
-    ) -> None:
+        finish: Sequence[int] = (),
+    ) -> list[int]:
         """Record codes (or the next retry) for recipients; refund unused credit;
-        count the provider calls that gave them ((provider, seconds), /metrics)."""
+        count the provider calls that gave them ((provider, seconds), /metrics).
+        Then, in the same transaction, finish_if_done for the requests in
+        `finish`; return those finished."""
         ...
 
     async def release_requests(

@@ -157,8 +157,13 @@ class SqlStore:
         results: Sequence[RecipientResult],
         now: float,
         calls: Sequence[tuple[str, float]] = (),
-    ) -> None:
-        await self._write(lambda tx: q.record_results(tx, results, now, calls))
+        finish: Sequence[int] = (),
+    ) -> list[int]:
+        def record(tx: Tx) -> list[int]:
+            q.record_results(tx, results, now, calls)
+            return self._finish(tx, finish, now) if finish else []
+
+        return await self._write(record)
 
     async def release_requests(
         self,
@@ -172,13 +177,13 @@ class SqlStore:
         )
 
     async def finish_if_done(self, request_ids: Sequence[int], now: float) -> list[int]:
-        def finish(tx: Tx) -> list[int]:
-            done = q.finish_if_done(tx, request_ids, now, self.owner)
-            if done:
-                self._notify(tx)  # reports are due
-            return done
+        return await self._write(lambda tx: self._finish(tx, request_ids, now))
 
-        return await self._write(finish)
+    def _finish(self, tx: Tx, request_ids: Sequence[int], now: float) -> list[int]:
+        done = q.finish_if_done(tx, request_ids, now, self.owner)
+        if done:
+            self._notify(tx)  # reports are due
+        return done
 
     async def quarantine(self, request_id: int, error: str) -> None:
         await self._write(lambda tx: q.quarantine(tx, request_id, error, self.owner))
