@@ -236,16 +236,16 @@ class Dispatcher:
             while not stopping.is_set():
                 await slots.acquire()
                 try:
-                    claims = await self.store.claim_requests(
-                        self.clock.time(), self.config.lease_s, self.config.batch_requests
+                    claims, first = await self.store.claim_requests_with_page(
+                        self.clock.time(), self.config.lease_s, self.config.batch_requests, PAGE
                     )
                 except StoreUnavailable as err:
                     log.error("dispatch: store unavailable: %s", err)
-                    claims = []
+                    claims, first = [], None
                 if not claims:
                     slots.release()
                     break
-                task = asyncio.create_task(self.process(claims))
+                task = asyncio.create_task(self.process(claims, first))
                 tasks.add(task)
 
                 def finished(task: asyncio.Task[None]) -> None:
@@ -289,11 +289,14 @@ class Dispatcher:
 
     # -- a batch of requests ---------------------------------------------
 
-    async def process(self, claims: Sequence[ClaimedRequest]) -> None:
+    async def process(
+        self, claims: Sequence[ClaimedRequest], first: list[PendingRecipient] | None = None
+    ) -> None:
         """Send what is due in these claimed requests, together; never raises.
 
         Requests claimed together share provider calls: the same provider gets
-        the recipients of all of them in as few requests as it allows.
+        the recipients of all of them in as few requests as it allows. `first`:
+        their first page, when the claim read it (claim_requests_with_page).
         """
         by_id = {c.id: c for c in claims}
         self._held.update(by_id)
@@ -304,7 +307,11 @@ class Dispatcher:
                 for request_id in self._lost & set(by_id):
                     del by_id[request_id]  # another instance has it now
                 now = self.clock.time()
-                pending = await self.store.pending_recipients(list(by_id), now, PAGE, after)
+                if first is not None and len(by_id) == len(claims):  # none lost since
+                    pending, first = first, None
+                else:
+                    first = None
+                    pending = await self.store.pending_recipients(list(by_id), now, PAGE, after)
                 if not pending:
                     if not after:
                         break

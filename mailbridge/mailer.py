@@ -406,12 +406,17 @@ class Mailer:
         """
         delivered = 0
         while True:
-            jobs = await self.store.claim_reports(self.clock.time(), CLAIM_BATCH, self.lease_s)
+            # One read for the whole claim, not one per report, on the claim's trip.
+            jobs, read = await self.store.claim_reports_with_data(
+                self.clock.time(), CLAIM_BATCH, self.lease_s
+            )
             if not jobs:
                 return delivered
-            # One read for the whole claim, not one per report.
-            request_ids = list(dict.fromkeys(job.request_id for job in jobs))
-            data = await self.store.report_data_many(request_ids)
+            if read is None:
+                read = await self.store.report_data_many(
+                    list(dict.fromkeys(job.request_id for job in jobs))
+                )
+            data = read
             groups = await self._letters(jobs, data)
             outcomes = await asyncio.gather(
                 *(self._deliver_lane(lane, data) for lane in lanes_of(groups, self.sink.parallel)),

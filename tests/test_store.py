@@ -11,6 +11,7 @@ import pytest
 
 from mailbridge.model import NewRequest, RecipientDraft, RecipientResult
 from mailbridge.store import StoreUnavailable
+from mailbridge.store import queue as store_queue
 from mailbridge.store.queue import runs as _runs
 from mailbridge.store.sqlite import SCHEMA, SCHEMA_VERSION, SqliteStore
 from mailbridge.store.sqlstore import SqlStore
@@ -368,6 +369,37 @@ async def test_a_poll_that_finds_nothing_takes_no_write_lock(tmp_path: Path) -> 
     finally:
         other.close()
         await store.close()
+
+
+async def test_a_claim_and_the_read_of_what_it_claimed_in_one_call(store: SqlStore) -> None:
+    """claim_*_with_*: the claim commits, then its data is read on the same trip,
+    equal to what the separate reads give."""
+    admitted = await store.add_request(new_request("1"))
+    claims, page = await store.claim_requests_with_page(NOW, 60, 10, 100)
+    assert [c.id for c in claims] == [admitted.request_id]
+    assert page == await store.pending_recipients([admitted.request_id], NOW, 100)
+    assert page is not None and len(page) == 1  # the number with code 7 is final
+    jobs, data = await store.claim_reports_with_data(NOW, 10, 60)
+    assert [j.kind for j in jobs] == ["ack"]
+    assert data == await store.report_data_many([admitted.request_id])
+    # Nothing due: answered without a transaction, and nothing to read.
+    assert await store.claim_requests_with_page(NOW, 60, 10, 100) == ([], [])
+    assert await store.claim_reports_with_data(NOW, 10, 60) == ([], {})
+
+
+async def test_a_read_after_a_write_that_fails_leaves_the_write_standing(
+    store: SqlStore,
+) -> None:
+    def fails(tx: Any, claims: Any) -> None:
+        tx.all("SELECT no_such_column FROM requests")
+
+    admitted = await store.add_request(new_request("1"))
+    claims, after = await store.engine.run_then(
+        lambda tx: store_queue.claim_requests(tx, NOW, 60, 10, store.owner), fails
+    )
+    assert [c.id for c in claims] == [admitted.request_id] and after is None
+    assert await store.claim_requests(NOW, 60, 10) == []  # the lease was committed
+    assert (await store.add_request(new_request("2"))).ack_code == 0  # the store goes on
 
 
 async def test_plain_report_only_when_a_number_failed(store: SqlStore) -> None:

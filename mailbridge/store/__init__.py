@@ -85,6 +85,14 @@ class Store(Protocol):
         sent together, so that several emails share provider requests)."""
         ...
 
+    async def claim_requests_with_page(
+        self, now: float, lease_s: float, limit: int, page: int
+    ) -> tuple[list[ClaimedRequest], list[PendingRecipient] | None]:
+        """claim_requests, and pending_recipients(their ids, now, page) read once
+        the claim is committed, in one call (None: it could not be read; the
+        claim stands)."""
+        ...
+
     async def next_due(self) -> float | None:
         """When the earliest queued request or pending report becomes due."""
         ...
@@ -151,6 +159,14 @@ class Store(Protocol):
 
     async def claim_reports(self, now: float, limit: int, lease_s: float) -> list[ReportJob]:
         """Take a lease on due pending reports."""
+        ...
+
+    async def claim_reports_with_data(
+        self, now: float, limit: int, lease_s: float
+    ) -> tuple[list[ReportJob], dict[int, ReportData] | None]:
+        """claim_reports, and report_data_many of their requests read once the
+        claim is committed, in one call (None: it could not be read; the claim
+        stands)."""
         ...
 
     async def report_data(self, request_id: int) -> ReportData:

@@ -48,6 +48,7 @@ from mailbridge.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+U = TypeVar("U")
 MAX_BATCH = 512  # store calls sharing one transaction (one commit)
 BUSY_S = 0.05  # a commit this recent means the store is busy: commit_wait_s applies
 
@@ -165,7 +166,7 @@ class Backend(Protocol):
 class _Op:
     """One store call waiting for the engine thread."""
 
-    __slots__ = ("fn", "write", "read_first", "future", "loop")
+    __slots__ = ("fn", "write", "read_first", "then", "future", "loop")
 
     def __init__(
         self,
@@ -173,10 +174,12 @@ class _Op:
         write: bool,
         loop: asyncio.AbstractEventLoop,
         read_first: bool = False,
+        then: Callable[[Tx, Any], Any] | None = None,
     ):
         self.fn = fn
         self.write = write
         self.read_first = read_first
+        self.then = then
         self.loop = loop
         self.future: asyncio.Future[Any] = loop.create_future()
 
@@ -263,6 +266,29 @@ class Engine:
             raise
         return result
 
+    async def run_then(
+        self, fn: Callable[[Tx], T], then: Callable[[Tx, T], U], read_first: bool = False
+    ) -> tuple[T, U | None]:
+        """run(fn, write=True), then `then(tx, result)` once it is committed,
+        outside the transaction, on the same trip to the engine thread: a claim
+        and the read of what it claimed cost one wake-up of each thread, not two.
+        A `then` that fails gives None (the caller reads by itself): the
+        write is committed and its result stands."""
+        if self._thread is None:
+            raise StoreUnavailable("store is not open")
+        op = _Op(fn, True, asyncio.get_running_loop(), read_first, then)
+        self._queue.put(op)
+        try:
+            result: tuple[T, U | None] = await op.future
+        except StoreUnavailable:
+            raise
+        except Exception as err:
+            why = self.backend.unavailable(err)
+            if why is not None:
+                raise StoreUnavailable(why) from err
+            raise
+        return result
+
     # -- the thread --------------------------------------------------------
 
     def _serve(self) -> None:
@@ -323,7 +349,7 @@ class Engine:
                 answered.append((op, op.fn(tx), None))
             except Exception:  # WriteNeeded, or an error the transaction path reports
                 rest.append(op)
-        _settle_all(answered)
+        _settle_all(self._followed(answered))
         return rest
 
     def _run_batch(self, batch: list[_Op]) -> None:
@@ -381,7 +407,30 @@ class Engine:
             self._rollback(conn)
             self._fail([op for op, _, _ in done], err)
             return
-        _settle_all(done)
+        _settle_all(self._followed(done))
+
+    def _followed(
+        self, settled: list[tuple[_Op, Any, BaseException | None]]
+    ) -> list[tuple[_Op, Any, BaseException | None]]:
+        """The results of run_then's calls paired with their follow-up reads."""
+        if not any(op.then is not None for op, _, _ in settled):
+            return settled
+        out: list[tuple[_Op, Any, BaseException | None]] = []
+        for op, result, error in settled:
+            if op.then is None or error is not None:
+                out.append((op, result, error))
+                continue
+            try:
+                after = op.then(Tx(self._conn, self.backend.dialect, self.shard), result)
+            except Exception as err:  # the write stands; the caller reads by itself
+                log.warning("store: the read after a write failed: %s", err)
+                after = None
+                if self.backend.unavailable(err) is not None:
+                    self._conn = self.backend.lost(self._conn, err)
+                else:
+                    self._rollback(self._conn)
+            out.append((op, (result, after), None))
+        return out
 
     def _rollback(self, conn: Any) -> None:
         try:

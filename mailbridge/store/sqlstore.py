@@ -127,6 +127,18 @@ class SqlStore:
     async def claim_requests(self, now: float, lease_s: float, limit: int) -> list[ClaimedRequest]:
         return await self._poll(lambda tx: q.claim_requests(tx, now, lease_s, limit, self.owner))
 
+    async def claim_requests_with_page(
+        self, now: float, lease_s: float, limit: int, page: int
+    ) -> tuple[list[ClaimedRequest], list[PendingRecipient] | None]:
+        def first_page(tx: Tx, claims: list[ClaimedRequest]) -> list[PendingRecipient]:
+            return q.pending_recipients(tx, [c.id for c in claims], now, page) if claims else []
+
+        return await self.engine.run_then(
+            lambda tx: q.claim_requests(tx, now, lease_s, limit, self.owner),
+            first_page,
+            read_first=True,
+        )
+
     async def renew_leases(self, request_ids: Sequence[int], lease_s: float) -> set[int]:
         return await self._write(lambda tx: q.renew_leases(tx, request_ids, lease_s, self.owner))
 
@@ -192,6 +204,16 @@ class SqlStore:
 
     async def claim_reports(self, now: float, limit: int, lease_s: float) -> list[ReportJob]:
         return await self._poll(lambda tx: q.claim_reports(tx, now, limit, lease_s, self.owner))
+
+    async def claim_reports_with_data(
+        self, now: float, limit: int, lease_s: float
+    ) -> tuple[list[ReportJob], dict[int, ReportData] | None]:
+        def data(tx: Tx, jobs: list[ReportJob]) -> dict[int, ReportData]:
+            return q.report_data_many(tx, list(dict.fromkeys(j.request_id for j in jobs)))
+
+        return await self.engine.run_then(
+            lambda tx: q.claim_reports(tx, now, limit, lease_s, self.owner), data, read_first=True
+        )
 
     async def report_data(self, request_id: int) -> ReportData:
         return await self._read(lambda tx: q.report_data(tx, request_id))
