@@ -42,7 +42,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any, NamedTuple
 
 import httpx
@@ -193,6 +193,7 @@ def plan(batch: Sequence[SmsMessage]) -> list[_Request]:
     last_expiry: int | None = None
     last_shape: tuple[Any, ...] | None = None
     tail: dict[str, Any] = {}
+    new_msg = tuple.__new__  # _Msg._make without its Python frame: one per personal text
     for m in batch:
         # One unpacking, not an attribute lookup per field (SmsMessage's order).
         key_, to, sender, text, encoding, parts, max_parts, tracker, _, _, expires_at = m
@@ -229,17 +230,19 @@ def plan(batch: Sequence[SmsMessage]) -> list[_Request]:
             shape = (encoding, reference, expiry, max_parts, parts)
             if shape != last_shape:
                 tail, last_shape = planner.tail(m, reference, expiry), shape
-            tos: list[dict[str, str]] = []
+            sent = "00" + to[1:] if to[0] == "+" else to  # cm_number, inline
+            tos = [{"number": sent}]
             if sender is None:
                 json = {"to": tos, "body": {"content": text}, **tail}
             else:
                 json = {"from": sender, "to": tos, "body": {"content": text}, **tail}
-            msg = _Msg(json, reference, [], tos)
+            msg = new_msg(_Msg, (json, reference, [m], tos))  # _Msg's fields, in order
             found.msgs.append(msg)
             found.open[key] = msg
-        msg.items.append(m)
-        sent = "00" + to[1:] if to.startswith("+") else to  # cm_number, inline
-        msg.to.append({"number": sent})
+        else:
+            msg.items.append(m)
+            sent = "00" + to[1:] if to[0] == "+" else to  # cm_number, inline
+            msg.to.append({"number": sent})
         found.numbers[number] = found.sent[sent] = (m, msg)
     return requests
 
@@ -341,7 +344,7 @@ class CmProvider:
             return [Outcome(m.key, provider_code(kind), detail=detail) for m in _all(req)]
         results: dict[str, Outcome] = {}
         accepted: dict[Any, str] = {}  # parts -> the detail of an accepted message
-        sent, numbers, make, ok = req.sent, req.numbers, Outcome._make, Code.SENT
+        sent, numbers, make, ok = req.sent, req.numbers, partial(tuple.__new__, Outcome), Code.SENT
         for raw in entries:
             # CM's own spelling first; other casings through _lower (keys are
             # case-insensitive), which costs a dict per entry.
@@ -365,7 +368,7 @@ class CmProvider:
                 words = accepted.get(parts)
                 if words is None:
                     words = accepted[parts] = f"accepted, {parts} part(s)"
-                # _make: one per accepted message (Outcome's fields in order).
+                # One per accepted message (Outcome's fields in order).
                 results[key] = make((key, ok, msg.reference, words, False, False))
             else:
                 err = entry.get("messageErrorCode")
