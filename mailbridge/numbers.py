@@ -51,10 +51,11 @@ def parse_number(raw: str, default_region: str = "FR") -> NumberCheck:
     """Read a number without account policy: E.164, or code 6, 7 or 21."""
     text = raw.strip()
     if default_region == "FR":
-        # Written without separators (most numbers): the fast path needs no cleaning.
+        # Written without separators (most numbers): the fast path needs no cleaning
+        # (and NumberCheck by tuple.__new__: its fields in order, no Python frame).
         fast = _FR_MOBILE.match(text)
         if fast:
-            return NumberCheck("+33" + fast.group(1), None, "FR")
+            return tuple.__new__(NumberCheck, ("+33" + fast.group(1), None, "FR"))
     if not text:
         return NumberCheck(None, Code.EMPTY_NUMBER)
     digits = _SEPARATORS.sub("", text)
