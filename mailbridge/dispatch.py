@@ -405,6 +405,7 @@ class Dispatcher:
         # circuit is closed. Their recipients skip the checks.
         plain: dict[int, list[str]] = {}
         healthy: set[str] = set()
+        new_item = tuple.__new__
         for rcpt in pending:
             claimed = claims[rcpt.request_id]
             route = plain.get(rcpt.request_id)
@@ -414,7 +415,8 @@ class Dispatcher:
                 and route[rcpt.provider_index] in healthy
                 and not (stopped and (claimed.account, rcpt.number) in stopped)
             ):
-                groups[route[rcpt.provider_index]].append(_Item(claimed, rcpt, route))
+                # _Item's fields in order, by tuple.__new__: one per recipient.
+                groups[route[rcpt.provider_index]].append(new_item(_Item, (claimed, rcpt, route)))
                 continue
             if stopped and (claimed.account, rcpt.number) in stopped:
                 # The number answered STOP to this account since the email came in.
