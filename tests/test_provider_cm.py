@@ -8,7 +8,10 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
+import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mailbridge.codes import ProviderFailure, cm_failure
 from mailbridge.config import CmProviderConfig
@@ -19,7 +22,7 @@ from mailbridge.providers import (
     SmsMessage,
     TemporaryProviderError,
 )
-from mailbridge.providers.cm import CmProvider, build, cm_number, cm_reference
+from mailbridge.providers.cm import CmProvider, _Msg, _msg_json, build, cm_number, cm_reference
 from tests.fake_cm import FakeCm
 from tests.httpfake import ProviderServer, RecordedRequest, Reply
 
@@ -537,3 +540,28 @@ def test_code_table() -> None:
     assert cm_failure(401) is ProviderFailure.OTHER
     assert cm_failure(12345) is ProviderFailure.OTHER
     assert cm_failure(None) is ProviderFailure.OTHER
+
+
+# -- the `msg` objects are assembled as bytes: the same bytes orjson writes -------------
+
+_ANY_TEXT = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=30)
+
+
+@given(
+    sender=st.none() | _ANY_TEXT,
+    text=_ANY_TEXT,
+    numbers=st.lists(st.from_regex(r"00[0-9]{6,13}", fullmatch=True) | _ANY_TEXT, min_size=1),
+    tail=st.fixed_dictionaries(
+        {"dcs": st.sampled_from([0, 8])},
+        optional={"reference": _ANY_TEXT, "maximumNumberOfMessageParts": st.integers(1, 255)},
+    ),
+)
+@settings(max_examples=300, deadline=None)
+def test_msg_json_is_what_orjson_writes_for_the_dict(
+    sender: str | None, text: str, numbers: list[str], tail: dict[str, Any]
+) -> None:
+    head = b"{" if sender is None else b'{"from":%s,' % orjson.dumps(sender)
+    msg = _Msg(head, text, orjson.dumps(tail)[1:-1], None, [], numbers)
+    expected: dict[str, Any] = {} if sender is None else {"from": sender}
+    expected |= {"to": [{"number": n} for n in numbers], "body": {"content": text}} | tail
+    assert _msg_json(msg) == orjson.dumps(expected)
