@@ -2,10 +2,12 @@
 
     .venv/bin/python bench/fanout_ab.py --old /work/main/.venv/bin/python
     .venv/bin/python bench/fanout_ab.py --old /work/main/.venv/bin/python --rounds 3 --lines 20000
+    .venv/bin/python bench/fanout_ab.py --old ../wt-old   # a checkout (git worktree), this venv
 
 Each side is a Python executable whose environment has the mailbridge to
 measure installed (an editable install: the daemon runs from the checkout
-next to its venv). Per round and side: a fresh daemon (so that its peak RSS
+next to its venv), or a checkout directory, run by this interpreter (its
+dependencies must be this venv's). Per round and side: a fresh daemon (so that its peak RSS
 is the CSV's), one warm-up mail, the 500-number one-text and personal-texts
 mails (`--repeat` of each: mean CPU, the kernel counts in 10 ms ticks), then
 the `mobiles.csv` mail. The figures are the daemon's CPU (both processes,
@@ -50,6 +52,13 @@ class Figures:
     csv_rss_mb: list[float] = field(default_factory=list)
     csv_intake_us: list[float] = field(default_factory=list)  # to the Not, intake process
     csv_worker_us: list[float] = field(default_factory=list)  # to the Not, worker process
+
+
+def side_of(label: str, where: str) -> Side:
+    """--old / --new: a venv's interpreter, or a checkout run by this one."""
+    if Path(where).is_dir():
+        return Side(label=label, python=sys.executable, checkout=Path(where).resolve())
+    return Side(label=label, python=where, checkout=checkout_of(where))
 
 
 def checkout_of(python: str) -> Path:
@@ -194,17 +203,14 @@ def table(sides: list[Side], results: dict[str, Figures], lines: int, repeat: in
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--old", required=True, help="python of the old side's venv")
-    parser.add_argument("--new", default=sys.executable, help="python of the new side's venv")
+    parser.add_argument("--old", required=True, help="the old side's venv python, or checkout")
+    parser.add_argument("--new", default=sys.executable, help="the new side's, likewise")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--lines", type=int, default=100_000)
     parser.add_argument("--verbose", action="store_true", help="each mail's CPU on stderr")
     parser.add_argument("--repeat", type=int, default=10, help="500-number mails per figure")
     args = parser.parse_args()
-    sides = [
-        Side(label="old", python=args.old, checkout=checkout_of(args.old)),
-        Side(label="new", python=args.new, checkout=checkout_of(args.new)),
-    ]
+    sides = [side_of("old", args.old), side_of("new", args.new)]
     results = {s.label: Figures() for s in sides}
     tmp = Path(tempfile.mkdtemp(prefix="mb-fanout-ab-"))
     provider = bench.start_server("provider")

@@ -205,8 +205,12 @@ def start_daemon(
     sock.bind("\0" + name)
     sock.settimeout(60)
     env = {**os.environ, "NOTIFY_SOCKET": "@" + name}
-    if code is not None:  # found before the editable install of this checkout
-        env["PYTHONPATH"] = str(code)
+    # Both processes from the code measured: the worker starts with `python -P`
+    # (not from the cwd), so without PYTHONPATH it would run the interpreter's
+    # editable install, whichever checkout that is.
+    root = code if code is not None else REPO if python == sys.executable else None
+    if root is not None:
+        env["PYTHONPATH"] = str(root)
     proc = Proc([python, "-m", "mailbridge", "serve", "-c", str(path)], env=env, cwd=code)
     try:
         while "READY=1" not in (data := sock.recv(4096).decode()):
