@@ -251,19 +251,7 @@ class Engine:
         """Run `fn` in the engine thread (in the shared transaction when `write`);
         return once committed. `read_first`: try it outside the transaction first
         (module docstring). Driver errors that mean "not now" raise StoreUnavailable."""
-        if self._thread is None:
-            raise StoreUnavailable("store is not open")
-        op = _Op(fn, write, asyncio.get_running_loop(), read_first)
-        self._queue.put(op)
-        try:
-            result: T = await op.future
-        except StoreUnavailable:
-            raise
-        except Exception as err:
-            why = self.backend.unavailable(err)
-            if why is not None:
-                raise StoreUnavailable(why) from err
-            raise
+        result: T = await self._submit(_Op(fn, write, asyncio.get_running_loop(), read_first))
         return result
 
     async def run_then(
@@ -274,12 +262,16 @@ class Engine:
         and the read of what it claimed cost one wake-up of each thread, not two.
         A `then` that fails gives None (the caller reads by itself): the
         write is committed and its result stands."""
+        loop = asyncio.get_running_loop()
+        result: tuple[T, U | None] = await self._submit(_Op(fn, True, loop, read_first, then))
+        return result
+
+    async def _submit(self, op: _Op) -> Any:
         if self._thread is None:
             raise StoreUnavailable("store is not open")
-        op = _Op(fn, True, asyncio.get_running_loop(), read_first, then)
         self._queue.put(op)
         try:
-            result: tuple[T, U | None] = await op.future
+            return await op.future
         except StoreUnavailable:
             raise
         except Exception as err:
@@ -287,7 +279,6 @@ class Engine:
             if why is not None:
                 raise StoreUnavailable(why) from err
             raise
-        return result
 
     # -- the thread --------------------------------------------------------
 
