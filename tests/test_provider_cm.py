@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import socket
 from collections.abc import AsyncIterator, Iterator
@@ -565,3 +566,22 @@ def test_msg_json_is_what_orjson_writes_for_the_dict(
     expected: dict[str, Any] = {} if sender is None else {"from": sender}
     expected |= {"to": [{"number": n} for n in numbers], "body": {"content": text}} | tail
     assert _msg_json(msg) == orjson.dumps(expected)
+
+
+async def test_a_provider_call_leaves_no_reference_cycle(cm: CmProvider) -> None:
+    """httpx's response and its stream point at each other: left as they come,
+    every call kept both bodies until the cyclic GC ran (providers/http.py)."""
+    await cm.send([sms(1)])  # the connection and the client's first-call state
+    gc.collect()
+    gc.disable()
+    try:
+        outcomes = await cm.send([sms(i) for i in range(2, 40)])
+        assert {o.code for o in outcomes} == {0}
+        gc.set_debug(gc.DEBUG_SAVEALL)  # what a collection finds stays in gc.garbage
+        gc.collect()
+        left = [o for o in gc.garbage if type(o).__module__.startswith(("httpx", "httpcore"))]
+        assert left == []
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()

@@ -145,6 +145,10 @@ class HttpRules:
                 public_url(req.url), req.headers.get("content-length", "?"), status_text(resp),
                 (time.perf_counter() - started) * 1000, len(resp.content), _excerpt(resp),
             )  # fmt: skip
+        # The response is read and closed: its stream, which points back at it,
+        # goes. That cycle (~40 objects of httpx and httpcore a call) kept the
+        # request's and the answer's bodies until the cyclic GC ran.
+        resp.stream = httpx.ByteStream(b"")
         failure = self.status_failure(resp)
         return resp if failure is None else failure
 
