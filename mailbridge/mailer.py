@@ -407,16 +407,15 @@ class Mailer:
         delivered = 0
         while True:
             # One read for the whole claim, not one per report, on the claim's trip.
-            jobs, read = await self.store.claim_reports_with_data(
+            jobs, data = await self.store.claim_reports_with_data(
                 self.clock.time(), CLAIM_BATCH, self.lease_s
             )
             if not jobs:
                 return delivered
-            if read is None:
-                read = await self.store.report_data_many(
+            if data is None:  # the read after the claim failed: read again
+                data = await self.store.report_data_many(
                     list(dict.fromkeys(job.request_id for job in jobs))
                 )
-            data = read
             groups = await self._letters(jobs, data)
             outcomes = await asyncio.gather(
                 *(self._deliver_lane(lane, data) for lane in lanes_of(groups, self.sink.parallel)),

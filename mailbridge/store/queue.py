@@ -466,13 +466,17 @@ def report_data_many(tx: Tx, request_ids: Sequence[int]) -> dict[int, ReportData
     for start in range(0, len(unique), IDS_PER_STATEMENT):
         chunk = unique[start : start + IDS_PER_STATEMENT]
         marks = ",".join("?" * len(chunk))
-        rows: dict[int, list[tuple[str, int]]] = {i: [] for i in chunk}
+        rows: dict[int, list[tuple[str, int]]]
         if len(chunk) == 1:  # the rows as read: no copy of each (a CSV's 100 000)
-            rows[chunk[0]] = tx.all(
-                "SELECT tel, coalesce(code, 999) FROM recipients WHERE request_id = ? ORDER BY idx",
-                (chunk[0],),
-            )
+            rows = {
+                chunk[0]: tx.all(
+                    "SELECT tel, coalesce(code, 999) FROM recipients WHERE request_id = ?"
+                    " ORDER BY idx",
+                    (chunk[0],),
+                )
+            }
         else:
+            rows = {i: [] for i in chunk}
             for request_id, tel, code in tx.all(
                 "SELECT request_id, tel, coalesce(code, 999) FROM recipients"
                 f" WHERE request_id IN ({marks}) ORDER BY request_id, idx",
