@@ -9,10 +9,11 @@ measure installed (an editable install: the daemon runs from the checkout
 next to its venv), or a checkout directory, run by this interpreter (its
 dependencies must be this venv's). Per round and side: a fresh daemon (so that its peak RSS
 is the CSV's), one warm-up mail, the 500-number one-text and personal-texts
-mails (`--repeat` of each: mean CPU, the kernel counts in 10 ms ticks), then
-the `mobiles.csv` mail. The figures are the daemon's CPU (both processes,
-/proc) from the start of the SMTP transaction until the provider has every
-SMS ("to provider"), and until the Not has reached the report sink ("to Not").
+mails (`--repeat` of each: mean CPU to their Not, as bench/run.py counts them;
+the kernel counts in 10 ms ticks), then the `mobiles.csv` mail. The figures
+are the daemon's CPU (both processes, /proc) from the start of the SMTP
+transaction until the provider has every SMS ("to provider"), and until the
+Not has reached the report sink ("to Not"). `--lines 0`: the 500-number mails only.
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ class Side:
 class Figures:
     """One side's measurements over the rounds (lists: one value per round)."""
 
-    one_text_ms: list[float] = field(default_factory=list)
+    one_text_ms: list[float] = field(default_factory=list)  # to the Not, as bench/run.py
     personal_ms: list[float] = field(default_factory=list)
+    one_text_intake_ms: list[float] = field(default_factory=list)  # of which the intake
     requests_500: list[int] = field(default_factory=list)
     csv_provider_us: list[float] = field(default_factory=list)  # per recipient
     csv_not_us: list[float] = field(default_factory=list)
@@ -145,16 +147,22 @@ def measure(
         warm = bench.envoi_mail(warm_id, {"num": "0601020304", "sms": "hi"})
         send_one(daemon, provider, sink[1], warm, warm_id, 1)
         for personal, out in ((False, figures.one_text_ms), (True, figures.personal_ms)):
-            cpus = []
+            cpus, intakes = [], []
             for _ in range(args.repeat):
                 mail, email_id = five_hundred(personal)
-                cpu, _, requests = send_one(daemon, provider, sink[1], mail, email_id, 500)
+                intake0, _ = cpu_by_process(daemon)
+                _, cpu, requests = send_one(daemon, provider, sink[1], mail, email_id, 500)
                 cpus.append(cpu)
+                intakes.append(cpu_by_process(daemon)[0] - intake0)
                 if args.verbose:
                     print(f"  {side.label} personal={personal}: {cpu * 1000:.0f} ms, "
                           f"{requests} request(s)", file=sys.stderr)  # fmt: skip
                 figures.requests_500.append(requests)
             out.append(statistics.mean(cpus) * 1000)
+            if not personal:
+                figures.one_text_intake_ms.append(statistics.mean(intakes) * 1000)
+        if args.lines == 0:
+            return
         mail, email_id = csv_mail(args.lines)
         intake0, worker0 = cpu_by_process(daemon)
         to_provider, to_not, _ = send_one(daemon, provider, sink[1], mail, email_id, args.lines)
@@ -173,7 +181,8 @@ def table(sides: list[Side], results: dict[str, Figures], lines: int, repeat: in
         return " / ".join(f"{v:.0f}" for v in values) + f" {unit}"
 
     rows = [
-        "| side | 500 numbers, one text: CPU | 500 personal texts: CPU | provider requests"
+        "| side | 500 numbers, one text: CPU to its Not (intake) | 500 personal texts: CPU"
+        " | provider requests"
         f" (500) | {lines}-line CSV: CPU per recipient to provider | … to its Not"
         " | … of which intake / worker | peak RSS |",
         "|---|---|---|---|---|---|---|---|",
@@ -181,19 +190,22 @@ def table(sides: list[Side], results: dict[str, Figures], lines: int, repeat: in
     for side in sides:
         f = results[side.label]
         rows.append(
-            f"| {side.label} | {cell(f.one_text_ms, 'ms')} | {cell(f.personal_ms, 'ms')}"
+            f"| {side.label} | {cell(f.one_text_ms, 'ms')} ({cell(f.one_text_intake_ms, 'ms')})"
+            f" | {cell(f.personal_ms, 'ms')}"
             f" | {max(f.requests_500)} | {cell(f.csv_provider_us, 'µs')}"
             f" | {cell(f.csv_not_us, 'µs')}"
             f" | {cell(f.csv_intake_us, 'µs')} / {cell(f.csv_worker_us, 'µs')}"
             f" | {cell(f.csv_rss_mb, 'MB')} |"
         )
     old, new = results[sides[0].label], results[sides[-1].label]
-    ratio = statistics.mean(new.csv_provider_us) / statistics.mean(old.csv_provider_us)
-    ratio_not = statistics.mean(new.csv_not_us) / statistics.mean(old.csv_not_us)
+    csv = ""
+    if new.csv_provider_us:  # not with --lines 0
+        ratio = statistics.mean(new.csv_provider_us) / statistics.mean(old.csv_provider_us)
+        ratio_not = statistics.mean(new.csv_not_us) / statistics.mean(old.csv_not_us)
+        csv = f"CSV CPU per recipient {ratio:.2f}x to provider, {ratio_not:.2f}x to the Not; "
     rows.append("")
     rows.append(
-        f"{sides[-1].label}/{sides[0].label}: CSV CPU per recipient {ratio:.2f}x to provider,"
-        f" {ratio_not:.2f}x to the Not; 500 numbers one text"
+        f"{sides[-1].label}/{sides[0].label}: {csv}500 numbers one text"
         f" {statistics.mean(new.one_text_ms) / statistics.mean(old.one_text_ms):.2f}x,"
         f" personal {statistics.mean(new.personal_ms) / statistics.mean(old.personal_ms):.2f}x"
         f" (one value per round, rounds alternate sides; 500-number figures: mean of {repeat})"
@@ -206,7 +218,7 @@ def main() -> int:
     parser.add_argument("--old", required=True, help="the old side's venv python, or checkout")
     parser.add_argument("--new", default=sys.executable, help="the new side's, likewise")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--lines", type=int, default=100_000)
+    parser.add_argument("--lines", type=int, default=100_000, help="0: no CSV mail")
     parser.add_argument("--verbose", action="store_true", help="each mail's CPU on stderr")
     parser.add_argument("--repeat", type=int, default=10, help="500-number mails per figure")
     args = parser.parse_args()

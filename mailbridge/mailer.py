@@ -33,7 +33,7 @@ import aiosmtplib
 from mailbridge.clock import Clock, nap
 from mailbridge.config import RelayConfig, ReportsConfig
 from mailbridge.logs import request_fields, request_tag
-from mailbridge.model import ReportData, ReportJob
+from mailbridge.model import ReportData, ReportJob, rows_needed
 from mailbridge.relay import (
     Accepted,
     Outcome,
@@ -414,7 +414,7 @@ class Mailer:
                 return delivered
             if data is None:  # the read after the claim failed: read again
                 data = await self.store.report_data_many(
-                    list(dict.fromkeys(job.request_id for job in jobs))
+                    [job.request_id for job in jobs], rows_needed(jobs)
                 )
             groups = await self._letters(jobs, data)
             outcomes = await asyncio.gather(

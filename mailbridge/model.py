@@ -3,6 +3,7 @@ what the mailer reports. No behaviour here."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -121,6 +122,16 @@ class ReportJob:
     attempts: int
 
 
+# The report kinds rendered from the request's recipient rows; the others (the
+# Ack, etatDlr, a reply) need none, and a CSV request has 100 000 of them.
+KINDS_WITH_ROWS = frozenset({"not", "plain"})
+
+
+def rows_needed(jobs: Iterable[ReportJob]) -> set[int]:
+    """The requests whose recipient rows these reports are rendered from."""
+    return {j.request_id for j in jobs if j.kind in KINDS_WITH_ROWS}
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ReportData:
     """Everything a report mail is rendered from."""
@@ -128,7 +139,7 @@ class ReportData:
     email_id: str | None
     ack_code: int
     numbered: bool
-    rows: list[tuple[str, int]]  # (tel as written, code) in request order
+    rows: list[tuple[str, int]]  # (tel as written, code) in request order; [] when not read
     in_reply_to: str | None
     plain_reports: str | None = None  # plain mode: "failures" or "all" (NewRequest)
 

@@ -381,10 +381,34 @@ async def test_a_claim_and_the_read_of_what_it_claimed_in_one_call(store: SqlSto
     assert page is not None and len(page) == 1  # the number with code 7 is final
     jobs, data = await store.claim_reports_with_data(NOW, 10, 60)
     assert [j.kind for j in jobs] == ["ack"]
-    assert data == await store.report_data_many([admitted.request_id])
+    assert data == await store.report_data_many([admitted.request_id], rows_of=())
     # Nothing due: answered without a transaction, and nothing to read.
     assert await store.claim_requests_with_page(NOW, 60, 10, 100) == ([], [])
     assert await store.claim_reports_with_data(NOW, 10, 60) == ([], {})
+
+
+async def test_a_report_claim_reads_the_rows_only_of_the_reports_rendered_from_them(
+    store: SqlStore,
+) -> None:
+    """An Ack is rendered without the request's recipient rows (a CSV's 100 000):
+    the claim's read leaves them out; a Not claimed with it gets its own."""
+    final = await store.add_request(new_request("f", recipients=[RecipientDraft(tel="x", code=7)]))
+    queued = await store.add_request(new_request("q"))  # a pending number: its Ack only
+    jobs, data = await store.claim_reports_with_data(NOW, 10, 60)
+    assert sorted((j.request_id, j.kind) for j in jobs) == [
+        (final.request_id, "ack"),
+        (final.request_id, "not"),
+        (queued.request_id, "ack"),
+    ]
+    assert data is not None
+    assert data[final.request_id].rows == [("x", 7)]
+    assert data[queued.request_id].rows == []
+    assert data[queued.request_id].email_id == "q"
+    assert (await store.report_data(queued.request_id)).rows != []  # there were rows to read
+    many = await store.report_data_many(
+        [final.request_id, queued.request_id], rows_of={queued.request_id}
+    )
+    assert many[final.request_id].rows == [] and len(many[queued.request_id].rows) == 2
 
 
 async def test_a_read_after_a_write_that_fails_leaves_the_write_standing(

@@ -14,7 +14,7 @@ it, nothing in between.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -166,15 +166,18 @@ class Store(Protocol):
     ) -> tuple[list[ReportJob], dict[int, ReportData] | None]:
         """claim_reports, and report_data_many of their requests read once the
         claim is committed, in one call (None: it could not be read; the claim
-        stands)."""
+        stands); rows only where a claimed report renders them (KINDS_WITH_ROWS)."""
         ...
 
     async def report_data(self, request_id: int) -> ReportData:
         """What a report of this request is rendered from."""
         ...
 
-    async def report_data_many(self, request_ids: Sequence[int]) -> dict[int, ReportData]:
-        """report_data of several requests in one read (an unreadable one is left out)."""
+    async def report_data_many(
+        self, request_ids: Sequence[int], rows_of: Collection[int] | None = None
+    ) -> dict[int, ReportData]:
+        """report_data of several requests in one read (an unreadable one is left
+        out); their recipient rows only for those in `rows_of` (None: all)."""
         ...
 
     async def report_sent(self, report_id: int, now: float) -> None: ...

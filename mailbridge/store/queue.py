@@ -22,7 +22,7 @@ live here and nowhere else:
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -458,29 +458,30 @@ def report_data(tx: Tx, request_id: int) -> ReportData:
     )
 
 
-def report_data_many(tx: Tx, request_ids: Sequence[int]) -> dict[int, ReportData]:
+def report_data_many(
+    tx: Tx, request_ids: Sequence[int], rows_of: Collection[int] | None = None
+) -> dict[int, ReportData]:
     """report_data of several requests: two statements per chunk of ids, not
-    two per request; a request not found is left out."""
+    two per request; a request not found is left out. Recipient rows are read
+    for the requests in `rows_of` only (None: all); the others get none."""
     found: dict[int, ReportData] = {}
     unique = list(dict.fromkeys(request_ids))
     for start in range(0, len(unique), IDS_PER_STATEMENT):
         chunk = unique[start : start + IDS_PER_STATEMENT]
         marks = ",".join("?" * len(chunk))
-        rows: dict[int, list[tuple[str, int]]]
-        if len(chunk) == 1:  # the rows as read: no copy of each (a CSV's 100 000)
-            rows = {
-                chunk[0]: tx.all(
-                    "SELECT tel, coalesce(code, 999) FROM recipients WHERE request_id = ?"
-                    " ORDER BY idx",
-                    (chunk[0],),
-                )
-            }
-        else:
-            rows = {i: [] for i in chunk}
+        wanted = chunk if rows_of is None else [i for i in chunk if i in rows_of]
+        rows: dict[int, list[tuple[str, int]]] = {i: [] for i in chunk}
+        if len(wanted) == 1:  # the rows as read: no copy of each (a CSV's 100 000)
+            rows[wanted[0]] = tx.all(
+                "SELECT tel, coalesce(code, 999) FROM recipients WHERE request_id = ? ORDER BY idx",
+                (wanted[0],),
+            )
+        elif wanted:
             for request_id, tel, code in tx.all(
                 "SELECT request_id, tel, coalesce(code, 999) FROM recipients"
-                f" WHERE request_id IN ({marks}) ORDER BY request_id, idx",
-                tuple(chunk),
+                f" WHERE request_id IN ({','.join('?' * len(wanted))})"
+                " ORDER BY request_id, idx",
+                tuple(wanted),
             ):
                 rows[request_id].append((tel, code))
         for request_id, email_id, ack_code, numbered, message_id, plain in tx.all(

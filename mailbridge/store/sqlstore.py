@@ -13,7 +13,7 @@ import asyncio
 import os
 import secrets
 import socket
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 from mailbridge.feedback import FeedbackPass, FeedbackRules
@@ -26,6 +26,7 @@ from mailbridge.model import (
     RecipientResult,
     ReportData,
     ReportJob,
+    rows_needed,
 )
 from mailbridge.store import StoreMetrics, StoreStatus, admin
 from mailbridge.store import events as ev
@@ -209,7 +210,7 @@ class SqlStore:
         self, now: float, limit: int, lease_s: float
     ) -> tuple[list[ReportJob], dict[int, ReportData] | None]:
         def data(tx: Tx, jobs: list[ReportJob]) -> dict[int, ReportData]:
-            return q.report_data_many(tx, list(dict.fromkeys(j.request_id for j in jobs)))
+            return q.report_data_many(tx, [j.request_id for j in jobs], rows_needed(jobs))
 
         return await self.engine.run_then(
             lambda tx: q.claim_reports(tx, now, limit, lease_s, self.owner), data, read_first=True
@@ -218,8 +219,10 @@ class SqlStore:
     async def report_data(self, request_id: int) -> ReportData:
         return await self._read(lambda tx: q.report_data(tx, request_id))
 
-    async def report_data_many(self, request_ids: Sequence[int]) -> dict[int, ReportData]:
-        return await self._read(lambda tx: q.report_data_many(tx, request_ids))
+    async def report_data_many(
+        self, request_ids: Sequence[int], rows_of: Collection[int] | None = None
+    ) -> dict[int, ReportData]:
+        return await self._read(lambda tx: q.report_data_many(tx, request_ids, rows_of))
 
     async def report_sent(self, report_id: int, now: float) -> None:
         await self._write(lambda tx: q.report_sent(tx, report_id, now))
