@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,49 @@ async def test_format_errors_do_not_consume_the_email_id(store: SqlStore) -> Non
 async def test_concurrent_duplicates_admit_exactly_one(store: SqlStore) -> None:
     results = await asyncio.gather(*(store.add_request(new_request("same")) for _ in range(20)))
     assert sorted(r.ack_code for r in results) == [0] + [1] * 19
+
+
+async def test_a_failing_call_keeps_nothing_alone_or_beside_others(store: SqlStore) -> None:
+    """A store call that fails keeps none of its writes, whether it had its
+    transaction alone (no savepoint) or shared it (its savepoint rolled back,
+    the others committed)."""
+
+    def put(key: str, fail: bool) -> Any:
+        def write(tx: Any) -> None:
+            tx.execute("INSERT INTO meta VALUES (?, 'x')", (key,))
+            if fail:
+                raise ValueError(key)
+
+        return store._write(write)
+
+    def keys(tx: Any) -> list[str]:
+        return sorted(k for (k,) in tx.all("SELECT key FROM meta WHERE key LIKE ?", ("t-%",)))
+
+    with pytest.raises(ValueError):
+        await put("t-alone", True)
+    # Hold the store thread on a read while two writes queue: one transaction.
+    gate, holding = threading.Event(), threading.Event()
+
+    def hold(tx: Any) -> None:
+        holding.set()
+        gate.wait(10)
+
+    held = asyncio.ensure_future(store._read(hold))
+    assert await asyncio.to_thread(holding.wait, 10)
+    kept, failed = (
+        asyncio.ensure_future(put("t-kept", False)),
+        asyncio.ensure_future(put("t-failed", True)),
+    )
+    await asyncio.sleep(0)  # both queued
+    commits = store.engine.commits
+    gate.set()
+    await held
+    await kept
+    with pytest.raises(ValueError):
+        await failed
+    assert store.engine.commits == commits + 1  # the two calls shared a transaction
+    assert await store._read(keys) == ["t-kept"]
+    assert await store.add_request(new_request("after"))  # the store goes on
 
 
 async def test_claim_send_finish(store: SqlStore) -> None:

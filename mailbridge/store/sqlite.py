@@ -243,6 +243,9 @@ class SqliteBackend:
         )
         db.execute("PRAGMA journal_mode = WAL")
         db.execute(f"PRAGMA synchronous = {self.synchronous}")
+        # Statement and savepoint journals in memory, not in a temporary file
+        # created, written page by page and deleted in each transaction.
+        db.execute("PRAGMA temp_store = MEMORY")
         return db
 
     def prepare(self, db: sqlite3.Connection) -> str:
