@@ -155,6 +155,11 @@ class HookNamesOnly:
         return names
 
 
+_STREAM_PROTOCOL_DEL: Callable[[Any], None] = getattr(
+    asyncio.StreamReaderProtocol, "__del__", lambda _: None
+)
+
+
 class IntakeSMTP(HookNamesOnly, ChunkedDataMixin, SMTP):
     """aiosmtpd's SMTP with our replies, a connection gate and a timeout reply;
     DATA read in chunks (mailbridge.smtp_data).
@@ -218,12 +223,37 @@ class IntakeSMTP(HookNamesOnly, ChunkedDataMixin, SMTP):
         super().connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._forgotten:  # aiosmtpd's own call after a failed TLS handshake came first
+            return
         if self._turned_away:
+            self._forget()
             return
         if self._gate_key is not None:
             self._gate.release(self._gate_key)
             self._gate_key = None
         super().connection_lost(exc)
+        task = self._handler_coroutine
+        if task is None:
+            self._forget()
+        else:  # once the dialogue's task has unwound (it was just cancelled)
+            task.add_done_callback(lambda _: self._forget())
+
+    # An aiosmtpd connection refers to itself: its command and AUTH tables hold
+    # its bound methods, its stream writer and handler task point back at it, and
+    # the task's CancelledError keeps its frames. Left so, each closed connection
+    # (~60 objects, its socket and buffers) waited for the cyclic GC, which then
+    # freed ~100 000 at once: a 110-140 ms stop of the intake every ~1 700
+    # connections (p99 of the 250 at 20 new connections 150 ms). Emptied once
+    # the connection is over, it is freed at once by reference counting.
+    _forgotten = False
+
+    def _forget(self) -> None:
+        # First what the stream protocol does as it dies, while its attributes
+        # are there: mark the error of its `closed` future as seen (a reset TLS
+        # client's would be logged as "Future exception was never retrieved").
+        _STREAM_PROTOCOL_DEL(self)
+        self.__dict__.clear()
+        self._forgotten = True
 
     def eof_received(self) -> bool | None:
         if self._turned_away:
