@@ -76,7 +76,7 @@ async def serve_intake(mails: int) -> None:
     config = parse_config(data, base_dir=tmp)
     done = asyncio.Event()
     store = InstantStore(mails, done)
-    handler = IntakeHandler(config, build_rules(config), store, SystemClock(), lambda: None)  # type: ignore[arg-type]
+    handler = IntakeHandler(config, build_rules(config), store, SystemClock(), lambda _: None)  # type: ignore[arg-type]
     protocol = smtp_protocol(handler, config.smtp)  # the daemon's listener, TLS off
     loop = asyncio.get_running_loop()
 

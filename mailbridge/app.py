@@ -40,7 +40,14 @@ from mailbridge.providers import ListeningProvider, Provider, build_provider
 from mailbridge.report import ReportRenderer
 from mailbridge.sdnotify import notify, watchdog_interval
 from mailbridge.store import Store, StoreUnavailable, acquire_store_lock, open_store
-from mailbridge.worker import WAKE_ALL, WAKE_EVENTS, WorkerProcess, watch_wake_pipe
+from mailbridge.worker import (
+    WAKE_ALL,
+    WAKE_EVENTS,
+    WAKE_REQUESTS,
+    WorkerProcess,
+    watch_wake_pipe,
+    woken_by,
+)
 
 # The intake side's modules (aiosmtpd, phonenumbers, holidays, lxml...) are
 # imported where the intake is built, not here: the worker process imports this
@@ -275,8 +282,10 @@ async def run_worker(config: Config, wake_fd: int, owner: str, daemon_pid: int) 
         stopping.set()
 
     def wake(what: bytes = WAKE_ALL) -> None:
-        events.set()
-        if what.strip(WAKE_EVENTS):  # not only events: every stage looks
+        feedback, sending = woken_by(what)
+        if feedback:
+            events.set()
+        if sending:
             work.set()
             reports.set()
 
@@ -358,6 +367,17 @@ class Daemon:
             self._reports.set()
             self._events.set()
 
+    def request_stored(self, finished: bool) -> None:
+        """A new request: the dispatcher and the mailer (its Ack) look now; the
+        feedback stage too when it was finished at intake (its etatDlr may be due)."""
+        if finished:
+            self.wake()
+        elif self._worker is not None:
+            self._worker.wake(WAKE_REQUESTS)
+        else:
+            self._work.set()
+            self._reports.set()
+
     def wake_events(self) -> None:
         """New delivery or reply events: the feedback stage looks now."""
         if self._worker is not None:
@@ -388,7 +408,7 @@ class Daemon:
             build_rules(config),
             store,
             self.clock,
-            self.wake,
+            self.request_stored,
             limits=IntakeLimits.from_config(config, self.clock),
         )
         self._handler = handler

@@ -329,14 +329,16 @@ class IntakeHandler(HookNamesOnly):
         rules: Mapping[str, AccountRules],
         store: Store,
         clock: Clock,
-        on_stored: Callable[[], None],
+        on_stored: Callable[[bool], None],
         limits: IntakeLimits | None = None,
     ) -> None:
         self.config = config
         self.rules = rules  # keyid -> rules
         self.store = store
         self.clock = clock
-        self.on_stored = on_stored  # wakes the dispatcher and the mailer
+        # Wakes the dispatcher and the mailer; with True (the request was finished
+        # at intake: nothing to send), the feedback stage too.
+        self.on_stored = on_stored
         # Rate limiters: the composition root may pass its own; by default they
         # are built from the config, on the injected clock.
         self.limits = limits or IntakeLimits.from_config(config, clock)
@@ -517,7 +519,10 @@ class IntakeHandler(HookNamesOnly):
         except StoreUnavailable as err:
             log.error("store unavailable, answered 451 to <%s>: %s", mail_from, err)
             return REPLY_STORE_DOWN
-        self.on_stored()
+        request = examined.request
+        self.on_stored(
+            admission.ack_code == 0 and not any(r.code is None for r in request.recipients)
+        )
         self._log(admission.request_id, admission.ack_code, examined, mail_from, client_ip)
         return REPLY_OK.format(admission.request_id)
 

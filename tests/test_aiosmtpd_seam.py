@@ -162,8 +162,8 @@ async def test_hook_names_only_gives_aiosmtpd_the_same_tables(tmp_path: Path) ->
     rules = build_rules(config)
     tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     kw: dict[str, Any] = {"tls_context": tls, "loop": asyncio.get_running_loop()}
-    fast_handler = IntakeHandler(config, rules, None, SystemClock(), lambda: None)  # type: ignore[arg-type]
-    full_handler = _FullDirHandler(config, rules, None, SystemClock(), lambda: None)  # type: ignore[arg-type]
+    fast_handler = IntakeHandler(config, rules, None, SystemClock(), lambda _: None)  # type: ignore[arg-type]
+    full_handler = _FullDirHandler(config, rules, None, SystemClock(), lambda _: None)  # type: ignore[arg-type]
     fast = smtp_protocol(fast_handler, config.smtp, tls=tls)()
     full = _FullDirSMTP(full_handler, fast._gate, hostname=fast.hostname, **kw)
     assert _tables(fast) == _tables(full)
@@ -187,7 +187,7 @@ async def test_a_closed_connection_is_freed_without_the_cyclic_gc(
     config = parse_config(cfg, base_dir=tmp_path)
     tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     tls.load_cert_chain(cert, key)
-    handler = IntakeHandler(config, build_rules(config), None, SystemClock(), lambda: None)  # type: ignore[arg-type]
+    handler = IntakeHandler(config, build_rules(config), None, SystemClock(), lambda _: None)  # type: ignore[arg-type]
     make = smtp_protocol(handler, config.smtp, tls=tls)
     made: list[weakref.ref[IntakeSMTP]] = []
 

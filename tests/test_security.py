@@ -649,7 +649,7 @@ def test_keyids_go_through_find_account_which_compares_every_key(
         return find_account(cfg, keyid)
 
     monkeypatch.setattr(mailbridge.intake, "find_account", recorded)
-    handler = IntakeHandler(config, build_rules(config), None, SystemClock(), lambda: None)  # type: ignore[arg-type]
+    handler = IntakeHandler(config, build_rules(config), None, SystemClock(), lambda _: None)  # type: ignore[arg-type]
     raw = wire_bytes(other_mail(num="0601020304", sms="x", keyid=f"  {KEYID2}\t"))
     examined = handler.examine(raw, "erp@other.test", ("127.0.0.1", 1), "127.0.0.1")
     assert examined is not None and examined.account is config.accounts[1]

@@ -149,3 +149,17 @@ def test_no_module_of_the_package_imports_the_cli() -> None:
             if any(n == "mailbridge.cli" or n.startswith("mailbridge.cli.") for n in names):
                 offenders.append(str(path.relative_to(package)))
     assert offenders == []
+
+
+@pytest.mark.parametrize(
+    "what, feedback, sending",
+    [
+        (worker.WAKE_ALL, True, True),  # SIGUSR1, PostgreSQL NOTIFY, a request finished at intake
+        (worker.WAKE_EVENTS, True, False),  # stored callbacks: not the dispatcher's claims
+        (worker.WAKE_REQUESTS, False, True),  # a new request: not the feedback stage's polls
+        (worker.WAKE_REQUESTS * 3, False, True),  # several bytes read at once
+        (worker.WAKE_REQUESTS + worker.WAKE_EVENTS, True, True),
+    ],
+)
+def test_who_a_wake_byte_wakes(what: bytes, feedback: bool, sending: bool) -> None:
+    assert worker.woken_by(what) == (feedback, sending)
