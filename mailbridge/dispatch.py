@@ -708,12 +708,23 @@ class Dispatcher:
         """One line per provider call (with each request's running total at most
         every PROGRESS_S, else at DEBUG), and a WARNING per request and distinct
         failure with the provider's own words."""
-        claims = {i.claimed.id: i.claimed for i in group}
-        failed = [r for r in results if r.code is not None and r.code != 0]
+        # One pass over each list (a 1000-recipient call): consecutive items share
+        # their request, so a claim is looked at once per run, not per recipient.
+        claims: dict[int, ClaimedRequest] = {}
+        last: ClaimedRequest | None = None
+        for claimed, _, _ in group:
+            if claimed is not last:
+                claims[claimed.id] = last = claimed
+        failed: list[RecipientResult] = []
+        retried: list[RecipientResult] = []
         accepted_by: dict[int, int] = defaultdict(int)
         for r in results:
             if r.code == 0:
                 accepted_by[r.request_id] += 1
+            elif r.code is None:
+                retried.append(r)
+            else:
+                failed.append(r)
         accepted = sum(accepted_by.values())
         for rid, n in accepted_by.items():
             self._progress.setdefault(rid, _Progress()).accepted += n
@@ -730,7 +741,6 @@ class Dispatcher:
                 progress.logged_at = now
             if progress.calls > 1:
                 totals.append(f"{progress.accepted} accepted and {progress.failed} failed so far")
-        retried = [r for r in results if r.code is None]
         why = ""
         if submitted and retried and not accepted and not failed:
             # The call failed as a whole (an outage, a timeout): say so, in the

@@ -228,6 +228,7 @@ def plan(batch: Sequence[SmsMessage]) -> list[_Request]:
         expiry = last_expiry
         key: _GroupKey = (sender, text, encoding, reference, max_parts, expiry)
         number = to.strip().lstrip("+").lstrip("0")  # _match_key, inline: once per message
+        sent = "00" + to[1:] if to[0] == "+" else to  # cm_number, inline
         found: _Request | None = None
         msg: _Msg | None = None
         for req in requests:
@@ -249,7 +250,6 @@ def plan(batch: Sequence[SmsMessage]) -> list[_Request]:
             shape = (encoding, reference, expiry, max_parts, parts)
             if shape != last_shape:
                 tail, last_shape = planner.tail(m, reference, expiry), shape
-            sent = "00" + to[1:] if to[0] == "+" else to  # cm_number, inline
             head = heads.get(sender)
             if head is None:
                 head = heads[sender] = (
@@ -260,7 +260,6 @@ def plan(batch: Sequence[SmsMessage]) -> list[_Request]:
             found.open[key] = msg
         else:
             msg.items.append(m)
-            sent = "00" + to[1:] if to[0] == "+" else to  # cm_number, inline
             msg.to.append(sent)
         found.numbers[number] = found.sent[sent] = (m, msg)
     return requests
