@@ -360,30 +360,28 @@ class Daemon:
 
     def wake(self) -> None:
         """New work may be due: the dispatcher, the mailer and the feedback stage look now."""
-        if self._worker is not None:
-            self._worker.wake()
-        else:
-            self._work.set()
-            self._reports.set()
-            self._events.set()
+        self._wake(WAKE_ALL)
 
     def request_stored(self, finished: bool) -> None:
         """A new request: the dispatcher and the mailer (its Ack) look now; the
         feedback stage too when it was finished at intake (its etatDlr may be due)."""
-        if finished:
-            self.wake()
-        elif self._worker is not None:
-            self._worker.wake(WAKE_REQUESTS)
-        else:
-            self._work.set()
-            self._reports.set()
+        self._wake(WAKE_ALL if finished else WAKE_REQUESTS)
 
     def wake_events(self) -> None:
         """New delivery or reply events: the feedback stage looks now."""
+        self._wake(WAKE_EVENTS)
+
+    def _wake(self, what: bytes) -> None:
+        # The worker process reads the same bytes (run_worker): one rule for both.
         if self._worker is not None:
-            self._worker.wake(WAKE_EVENTS)
-        else:
+            self._worker.wake(what)
+            return
+        feedback, sending = woken_by(what)
+        if feedback:
             self._events.set()
+        if sending:
+            self._work.set()
+            self._reports.set()
 
     async def start(self) -> None:
         from mailbridge.intake import IntakeHandler

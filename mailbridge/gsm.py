@@ -104,12 +104,13 @@ def segment(text: str) -> Segmentation:
     """Encoding, length in units and number of SMS parts of ``text`` (empty: gsm7, 0, 1)."""
     if not text:
         return Segmentation("gsm7", 0, 1)
-    if text.isascii() and _ASCII_NOT_PLAIN(text) is None:  # the usual text
-        return _plain_gsm7(len(text))
-    if text.isascii() and _ASCII_NON_GSM.isdisjoint(text):
-        units = len(text) + sum(map(text.count, _ASCII_EXTENSION))
-        parts = _parts(units, lambda: map(_gsm_cost, text), False, "gsm7")
-        return Segmentation("gsm7", units, parts)
+    if text.isascii():
+        if _ASCII_NOT_PLAIN(text) is None:  # the usual text: its length says it all
+            return _plain_gsm7(len(text))
+        if _ASCII_NON_GSM.isdisjoint(text):
+            units = len(text) + sum(map(text.count, _ASCII_EXTENSION))
+            parts = _parts(units, lambda: map(_gsm_cost, text), False, "gsm7")
+            return Segmentation("gsm7", units, parts)
     costs = list(map(_gsm_cost, text))
     if 0 not in costs:
         units = sum(costs)
